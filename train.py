@@ -106,10 +106,13 @@ PRESETS = {
                     with_request="always"),
     # The toy world (toy.py): a 4-block model of width 128 trained from scratch on a CPU. bf16 even on the
     # CPU: the rerouting loss has no gradient at the start, and bf16 rounding is what lets training leave
-    # it (see losses.py). Its world has no XSTest file.
+    # it (see losses.py). Its XSTest file holds 64 dish requests: x12 (768) weighs them against its 800
+    # UltraChat conversations about as the official x50 weighs XSTest's 230 compliant answers (11,500)
+    # against 10,000. The lr sits on a cliff (see the README's toy section): 7e-4 leaves attacks
+    # working, 9e-4 breaks benign answers, and other seeds at 8e-4 break them too.
     "toy": dict(model_path="toy/model", data_dir="toy/data", target_layers=(2, 3), loss_alpha=10.0,
-                refusal_retain=True, with_request="random", steps=100, batch_size=8, lr=2e-4, dtype="bf16",
-                n_ultrachat=2000, xstest_repeat=0, val_every=0, ckpt_every=0, log_every=10,
+                refusal_retain=True, with_request="random", steps=100, batch_size=8, lr=8.5e-4, dtype="bf16",
+                n_ultrachat=2000, xstest_repeat=12, val_every=0, ckpt_every=0, log_every=10,
                 threads=1),  # matrices this small gain nothing from threads; on a busy CPU they cost
 }
 HUB_IDS = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistralai/Mistral-7B-Instruct-v0.2"}
