@@ -2,7 +2,7 @@
 A toy world where circuit breakers run end to end on a laptop CPU in minutes.
 
 The real method needs an 8B chat model and a GPU. This file builds a stand-in that has the same
-shape of problem, small enough to train from scratch in about two minutes:
+shape of problem, small enough to train from scratch in about four minutes on one CPU thread:
 
 - a tiny Llama-architecture chat model (same config.json / model.safetensors / tokenizer.model
   formats as the real ones, Llama-3-style chat template with header and end-of-turn tokens), trained
@@ -69,7 +69,7 @@ Command:
 
     python toy.py [--size full|small] [--root DIR] [--seed N]
 
-"small" is the world CI uses: fewer items and a smaller model, built in a few tens of seconds.
+"small" has fewer items and a smaller model; tests build its files (with a few pretraining steps).
 """
 
 import argparse
@@ -669,7 +669,7 @@ def ensure_world(root=ROOT, size: str = "full", seed: int = 0, log=print) -> dic
     root = Path(root)
     if (root / "world.json").is_file():
         return load_world(root)
-    log(f"{root}: no toy world yet; building the {size!r} one (about two minutes on two cores)")
+    log(f"{root}: no toy world yet; building the {size!r} one (about four minutes on one thread)")
     return build_world(root, size, seed, log)
 
 
