@@ -19,25 +19,26 @@ The math (Zou et al. 2024, "Improving Alignment and Robustness with Circuit Brea
 ReLU(cos) is zero once a state is orthogonal (or opposite) to where it used to be: the method only asks
 harmful states to leave their original direction, not to go anywhere in particular.
 
-A subtlety worth knowing before changing these losses: training starts where LoRA's B is zero, so
-h_new == h_orig exactly. There cos is at its maximum and the retain distance at its minimum, so BOTH
-gradients are zero in exact arithmetic, and the first updates come only from rounding noise, which
-Adam's per-parameter normalisation turns into real steps. On the toy model the step-1 gradient norm is
-about 1e-8 (fp32 and bf16 alike); in bf16 the noise grows fast enough that the rerouting cosine falls
-within tens of steps, while in fp32 it stayed at 1.000 after 150 steps. The official code trains in
-bf16, as our presets do on a GPU; the toy preset uses bf16 even on a CPU. A loss with a nonzero gradient
-at the start (the `direction` and `random` targets below) does not need the noise. Two variants ask
-them to go somewhere: a fixed random direction and a given direction (for example the refusal
-direction), both through `direction_loss`.
+Training starts where LoRA's B is zero, so h_new == h_orig: cos is at its maximum and the retain distance
+at its minimum, both gradients are exactly zero, and only rounding noise (which Adam normalises into real
+steps) moves the adapters at first. The README's toy section shows what this does; the `direction`,
+`random` and `eot` targets have a gradient from the first step.
+
+Every rerouting variant is one function plus one entry in `LOSSES` at the end of this file; train.py's
+`--loss` choices, its help and the step's loss all come from there (README, "Adding a loss").
 
 Cosines and norms are computed in fp32 even when the states are bf16: a bf16 dot product over
 D = 4096 loses too much to rank small changes.
 """
 
-from pathlib import Path
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+import refusal
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,7 +173,8 @@ def retain_loss_official(h_new, h_orig, mask: Tensor, pad_to: int = 1024) -> Ten
 # loss (at the start it is about sqrt(2) for a random u), so the alpha values of the paper stay sensible.
 # `random`: u_l a fixed random unit vector per layer (the "random vector scaled to the representation's
 # norm" idea of the official experiments); `direction`: u_l read from a file, such as the refusal
-# direction, so that harmful requests are rerouted to where the model represents refusing.
+# direction, so that harmful requests are rerouted to where the model represents refusing; `eot`: u_l
+# the embedding of the token that ends a turn, the same at every layer.
 
 
 def random_directions(n_layers: int, dim: int, seed: int = 0) -> Tensor:
@@ -195,49 +197,6 @@ def direction_loss(h_new, h_orig, mask: Tensor, directions: Tensor, eps: float =
     return total / (len(directions) * _n_tokens(mask))
 
 
-def load_directions(path, layers: list[int], dim: int, n_layers: int | None = None) -> Tensor:
-    """Read one direction per target layer from a safetensors file -> (L, D) fp32 unit vectors.
-
-    The file holds `layer.{l}` tensors of shape (D,), l indexing hidden states as the target layers
-    do (hiddens[l] = output of block l-1); or a single `direction` (D,) used at every target layer.
-    `n_layers` (the full model's block count), when given, rejects files written for a deeper model.
-    """
-    from safetensors import safe_open  # the project never unpickles: directions are safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: direction file not found")
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    per_layer = {int(k.split(".", 1)[1]): v for k, v in tensors.items()
-                 if k.startswith("layer.") and k.split(".", 1)[1].isdigit()}
-    if per_layer:
-        if n_layers is not None and max(per_layer) > n_layers:
-            raise ValueError(f"{path}: holds a direction for layer {max(per_layer)} but the model has "
-                             f"{n_layers} layers; was it written for another model?")
-        missing = [l for l in layers if l not in per_layer]
-        if missing:
-            raise ValueError(f"{path}: no direction for target layer(s) {missing}; "
-                             f"the file has layers {sorted(per_layer)}")
-        vectors = [(f"layer.{l}", per_layer[l]) for l in layers]
-    elif "direction" in tensors:
-        vectors = [("direction", tensors["direction"])] * len(layers)
-    else:
-        raise ValueError(f"{path}: expected tensors 'layer.<l>' or 'direction', "
-                         f"found {sorted(tensors)[:5]}")
-    out = []
-    for name, v in vectors:
-        if v.shape != (dim,):
-            raise ValueError(f"{path}: '{name}' has shape {tuple(v.shape)}, expected ({dim},) "
-                             f"for a model of width {dim}")
-        v = v.to(torch.float32)
-        norm = torch.linalg.vector_norm(v)
-        if not torch.isfinite(norm) or norm == 0:
-            raise ValueError(f"{path}: '{name}' is zero or not finite")
-        out.append(v / norm)
-    return torch.stack(out)  # (L, D)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Metrics for logging
 
@@ -252,3 +211,76 @@ def cosine_metric(h_new, h_orig, mask: Tensor) -> float:
         total = total + _masked_sum(_cosine(new, orig), mask)
         n_layers += 1
     return (total / (n_layers * _n_tokens(mask))).item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry: train.py's --loss
+#
+# An entry builds the rerouting term of one variant from the run's context, once, before training:
+#     term = LOSSES[name].build(LossContext(model, tokenizer, cfg))
+#     cb_loss = term(h_new, h_orig, mask)     # the target-layer states of harmful text, as rerouting_loss
+# To add a variant, write its `build` function here and add one entry to LOSSES; train.py's --loss
+# choices, its help text and the step's loss all come from this dict.
+
+
+@dataclass
+class LossContext:
+    """What a variant may read: the model being trained (LoRA applied; `lora_disabled` gives the frozen
+    one), its tokenizer, and the resolved TrainConfig (target_layers, seed, direction, ...)."""
+    model: torch.nn.Module
+    tokenizer: object
+    config: object
+
+
+Term = Callable[[list[Tensor], list[Tensor], Tensor], Tensor]  # (h_new, h_orig, mask) -> scalar
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    build: Callable[[LossContext], Term]
+    help: str
+
+
+def build_reroute(ctx: LossContext) -> Term:
+    return rerouting_loss
+
+
+def build_random(ctx: LossContext) -> Term:
+    directions = random_directions(len(ctx.config.target_layers), ctx.model.args.dim, seed=ctx.config.seed)
+    return partial(direction_loss, directions=directions)
+
+
+def build_direction(ctx: LossContext) -> Term:
+    if not ctx.config.direction:
+        raise ValueError("--loss direction needs --direction FILE (a direction file, e.g. from refusal.py)")
+    args = ctx.model.args
+    directions = refusal.target_directions(ctx.config.direction, list(ctx.config.target_layers), args.dim,
+                                           args.n_layers)
+    return partial(direction_loss, directions=directions)
+
+
+def build_eot(ctx: LossContext) -> Term:
+    eot = end_of_turn_id(ctx.tokenizer)
+    embedding = ctx.model.model.embed_tokens.weight[eot].detach().float()  # (D,)
+    u = embedding / torch.linalg.vector_norm(embedding)
+    directions = u.expand(len(ctx.config.target_layers), -1)  # (L, D): the same target at every layer
+    return partial(direction_loss, directions=directions)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The stop token the chat template writes after an answer (Llama-3 <|eot_id|>, Mistral </s>)."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                         {"role": "assistant", "content": "Hello"}])
+    ends = [t for t in ids if t in tokenizer.stop_ids]
+    if not ends:
+        raise ValueError("--loss eot: the chat template ends an answer with no stop token")
+    return ends[-1]
+
+
+LOSSES: dict[str, LossEntry] = {
+    "reroute": LossEntry(build_reroute, "ReLU(cos) with the frozen model's states (the paper's)"),
+    "random": LossEntry(build_random, "toward a fixed random direction per target layer"),
+    "direction": LossEntry(build_direction, "toward a given direction per target layer, e.g. the "
+                                            "refusal direction (needs --direction FILE)"),
+    "eot": LossEntry(build_eot, "toward the embedding of the token that ends a turn"),
+}

@@ -417,19 +417,23 @@ class RefusalDirection:
         return torch.stack([unit(self.layers[l]) for l in indices])
 
 
-def load_direction(path, model) -> RefusalDirection:
-    """Read a direction file and check it fits `model` (a Transformer, or its ModelArgs): width D and
-    one `layer.{l}` for every hidden state l = 0..L of the full model."""
-    args = getattr(model, "args", model)
+def read_direction_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a direction file; the one place direction files are opened."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: direction file not found")
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a corrupt header
         raise ValueError(f"{path}: not a safetensors direction file ({e})") from None
+
+
+def load_direction(path, model) -> RefusalDirection:
+    """Read a direction file and check it fits `model` (a Transformer, or its ModelArgs): width D and
+    one `layer.{l}` for every hidden state l = 0..L of the full model."""
+    args = getattr(model, "args", model)
+    tensors, metadata = read_direction_file(path)
     if "direction" not in tensors:
         raise ValueError(f"{path}: no 'direction' tensor (found {sorted(tensors)[:4]}); "
                          "write direction files with refusal.py")
@@ -449,6 +453,45 @@ def load_direction(path, model) -> RefusalDirection:
         raise ValueError(f"{path}: metadata lacks integer 'layer' and 'position'") from None
     layers = torch.stack([tensors[f"layer.{l}"].float() for l in range(n_hidden)])  # (L+1, D)
     return RefusalDirection(direction=unit(tensors["direction"]), layers=layers, layer=layer, position=position)
+
+
+def target_directions(path, layers: list[int], dim: int, n_layers: int | None = None) -> torch.Tensor:
+    """One direction per target layer, for `--loss direction` -> (L, D) fp32 unit vectors.
+
+    The file holds `layer.{l}` tensors of shape (D,), l indexing hidden states as the target layers
+    do (hiddens[l] = output of block l-1); or a single `direction` (D,) used at every target layer.
+    `n_layers` (the full model's block count), when given, rejects files written for a deeper model.
+    """
+    path = Path(path)
+    tensors, _ = read_direction_file(path)
+    per_layer = {int(k.split(".", 1)[1]): v for k, v in tensors.items()
+                 if k.startswith("layer.") and k.split(".", 1)[1].isdigit()}
+    if per_layer:
+        if n_layers is not None and max(per_layer) > n_layers:
+            raise ValueError(f"{path}: holds a direction for layer {max(per_layer)} but the model has "
+                             f"{n_layers} layers; was it written for another model?")
+        missing = [l for l in layers if l not in per_layer]
+        if missing:
+            raise ValueError(f"{path}: no direction for target layer(s) {missing}; "
+                             f"the file has layers {sorted(per_layer)}")
+        vectors = [(f"layer.{l}", per_layer[l]) for l in layers]
+    elif "direction" in tensors:
+        vectors = [("direction", tensors["direction"])] * len(layers)
+    else:
+        raise ValueError(f"{path}: expected tensors 'layer.<l>' or 'direction', "
+                         f"found {sorted(tensors)[:5]}")
+    out = []
+    for name, v in vectors:
+        if v.shape != (dim,):
+            raise ValueError(f"{path}: '{name}' has shape {tuple(v.shape)}, expected ({dim},) "
+                             f"for a model of width {dim}")
+        v = v.to(torch.float32)
+        norm = torch.linalg.vector_norm(v)
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(f"{path}: '{name}' is zero or not finite")
+        out.append(v / norm)
+    return torch.stack(out)  # (L, D)
+
 
 
 # -----------------------------------------------------------------------------

@@ -42,13 +42,13 @@ from model import Transformer, replace_dir
 # 1. Configuration: one dataclass holds every default; the command line is generated from it.
 
 
-def opt(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    model: str = opt("llama3", "preset: llama3, mistral or toy (sets the fields marked 'preset')")
+    model: str = opt("llama3", "preset (sets the fields marked 'preset')", ("llama3", "mistral", "toy"))
     model_path: str = opt("", "HF model directory (preset: checkpoints/<model name>)")
     data_dir: str = opt("data", "directory with circuit_breakers_train.json, ultrachat.jsonl, xstest csv")
     out: str = opt("", "output directory (default: out/<model>)")
@@ -70,23 +70,25 @@ class TrainConfig:
     steps: int = opt(150, "optimizer steps")
     batch_size: int = opt(16, "examples of each set per step")
     # --- the objective
-    loss: str = opt("reroute", "rerouting target: reroute (ReLU cos), random (a fixed random direction) "
-                               "or direction (a given direction, e.g. refusal; needs --direction)")
+    loss: str = opt("reroute", "rerouting term, from losses.LOSSES: "
+                    + "; ".join(f"{name}: {entry.help}" for name, entry in losses.LOSSES.items()),
+                    tuple(losses.LOSSES))
     direction: str = opt("", "safetensors file with one direction per target layer, for --loss direction")
     retain_norm: str = opt("official", "official (all states, mean over 1024-padded positions, as the "
-                                       "official code) or masked (mean over real tokens)")
-    loss_on: str = opt("full", "tokens the rerouting loss sees: full (the whole text, official) or response")
+                                       "official code) or masked (mean over real tokens)", ("official", "masked"))
+    loss_on: str = opt("full", "tokens the rerouting loss sees: full (the whole text, official) or response",
+                       ("full", "response"))
     # --- data (see data.py)
     refusal_retain: bool = opt(True, "add the model's own refusals to the retain set (preset: Llama-3 only)")
     with_request: str = opt("random", "circuit-breaker examples: random (with or without the request, "
-                                      "Llama-3) or always (Mistral)")
+                                      "Llama-3) or always (Mistral)", ("random", "always"))
     n_ultrachat: int = opt(10_000, "UltraChat conversations in the retain set")
     xstest_repeat: int = opt(50, "XSTest compliant answers, repeated this many times, in the retain set "
                                  "(0: no XSTest file needed)")
     bucket: int = opt(8, "sort rows by length within windows of this many batches, so a batch pads "
                          "little (0: off)")
     # --- speed and memory
-    dtype: str = opt("auto", "base weights: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    dtype: str = opt("auto", "base weights (auto: bf16 on CUDA, fp32 on CPU)", ("auto", "bf16", "fp32"))
     grad_ckpt: bool | None = opt(None, "gradient checkpointing per block (default: on for CUDA)")
     compile: bool = opt(False, "torch.compile each block")
     # --- bookkeeping
@@ -104,12 +106,9 @@ PRESETS = {
                    with_request="random"),
     "mistral": dict(model_path="checkpoints/Mistral-7B-Instruct-v0.2", loss_alpha=5.0, refusal_retain=False,
                     with_request="always"),
-    # The toy world (toy.py): a 4-block model of width 128 trained from scratch on a CPU. bf16 even on the
-    # CPU: the rerouting loss has no gradient at the start, and bf16 rounding is what lets training leave
-    # it (see losses.py). Its XSTest file holds 64 dish requests: x12 (768) weighs them against its 800
-    # UltraChat conversations about as the official x50 weighs XSTest's 230 compliant answers (11,500)
-    # against 10,000. The lr sits on a cliff (see the README's toy section): 7e-4 leaves attacks
-    # working, 9e-4 breaks benign answers, and other seeds at 8e-4 break them too.
+    # The toy world (toy.py), on a CPU. bf16 even there: its rounding is what moves training off the
+    # zero-gradient start (losses.py). XSTest x12 weighs its 64 dish answers against 800 UltraChat
+    # conversations as the official x50 does; README, "The toy world", says how lr was chosen.
     "toy": dict(model_path="toy/model", data_dir="toy/data", target_layers=(2, 3), loss_alpha=10.0,
                 refusal_retain=True, with_request="random", steps=100, batch_size=8, lr=8.5e-4, dtype="bf16",
                 n_ultrachat=2000, xstest_repeat=12, val_every=0, ckpt_every=0, log_every=10,
@@ -127,13 +126,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.grad_ckpt = cfg.device.startswith("cuda")
     if cfg.dtype == "auto":
         cfg.dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
-    choices = dict(loss=("reroute", "random", "direction"), retain_norm=("official", "masked"),
-                   loss_on=("full", "response"), with_request=("random", "always"), dtype=("bf16", "fp32"))
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {list(allowed)}")
-    if cfg.loss == "direction" and not cfg.direction:
-        raise ValueError("--loss direction needs --direction FILE (a direction file, e.g. from refusal.py)")
+    for f in fields(cfg):
+        allowed = f.metadata["choices"]
+        if allowed and getattr(cfg, f.name) not in allowed:
+            raise ValueError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: expected one of "
+                             f"{list(allowed)}")
     return cfg
 
 
@@ -206,16 +203,12 @@ def val_batches(cfg: TrainConfig, val, pad_id: int):
 # otherwise (the official layout, which bench.py reproduces) pass their masks.
 
 
-def rerouting_target(cfg: TrainConfig, dim: int, n_layers: int):
-    """The direction(s) that `random` and `direction` pull harmful states to: (L_target, D) or None."""
-    if cfg.loss == "random":
-        return losses.random_directions(len(cfg.target_layers), dim, seed=cfg.seed)
-    if cfg.loss == "direction":
-        return losses.load_directions(cfg.direction, list(cfg.target_layers), dim, n_layers)
-    return None
+def rerouting_term(cfg: TrainConfig, model, tokenizer):
+    """The rerouting term of --loss, built once from losses.LOSSES: (h_new, h_orig, mask) -> scalar."""
+    return losses.LOSSES[cfg.loss].build(losses.LossContext(model, tokenizer, cfg))
 
 
-def step_loss(model, batch, step: int, cfg: TrainConfig, target):
+def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting):
     """The circuit-breaker objective for one batch -> (loss, metrics). See losses.py for the math."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
     cb_attn = None if right_padded(batch.cb_mask) else batch.cb_mask
@@ -231,10 +224,7 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, target):
     retain_new = retain_states(model, batch.retain_tokens, retain_attn)
 
     # (c) the two terms, weighted by the schedule
-    if cfg.loss == "reroute":
-        cb_loss = losses.rerouting_loss(cb_new, cb_orig, batch.cb_loss_mask)
-    else:  # random or direction: pull the states onto target directions
-        cb_loss = losses.direction_loss(cb_new, cb_orig, batch.cb_loss_mask, target)
+    cb_loss = rerouting(cb_new, cb_orig, batch.cb_loss_mask)
     if cfg.retain_norm == "official":
         retain_loss = losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
                                                   pad_to=data.OFFICIAL_LENGTHS.retain)
@@ -344,7 +334,7 @@ def train(cfg: TrainConfig):
     tokenizer = data.Tokenizer.from_pretrained(cfg.model_path)
     cb, retain, val = load_data(cfg, tokenizer)  # fails on bad data before the model is loaded
     model = load_model(cfg)
-    target = rerouting_target(cfg, model.args.dim, model.args.n_layers)
+    rerouting = rerouting_term(cfg, model, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -367,7 +357,7 @@ def train(cfg: TrainConfig):
         batch = batch.to(cfg.device)
         model.train()
         with autocast:
-            loss, m = step_loss(model, batch, step, cfg, target)
+            loss, m = step_loss(model, batch, step, cfg, rerouting)
         if not math.isfinite(m["loss"]):
             raise TrainingError(f"step {step}: loss is {m['loss']}; stopping. Last good checkpoint: "
                                 f"{last_good or 'none (lower --lr, or set --ckpt-every)'}")
@@ -421,23 +411,39 @@ def log_line(m: dict, total: int, elapsed: float, done: int) -> str:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The preset is read first, so that --help shows the values this run would use."""
+    model = preset_name(argv)
+    defaults = {**{f.name: f.default for f in fields(TrainConfig)}, **PRESETS[model]}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind, default = f.type, f.default
-        if kind in (bool, "bool", bool | None, "bool | None"):
+        flag, default, choices = "--" + f.name.replace("_", "-"), defaults[f.name], f.metadata["choices"]
+        shown = f" (default: {_show(default)})"
+        if f.type in (bool, "bool", bool | None, "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f.metadata["help"])
+                                help=f.metadata["help"] + shown)
         else:
-            parse = {int: int, float: float, str: str}.get(type(default)) if not isinstance(default, tuple) \
-                else (lambda s, t=type(default[0]) if default else int: tuple(t(x) for x in s.split(",") if x))
-            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS,
-                                help=f"{f.metadata['help']} (default: {_show(default)})")
+            parser.add_argument(flag, type=_parser_for(f.default), default=argparse.SUPPRESS, choices=choices,
+                                help=f.metadata["help"] + shown)
     given = vars(parser.parse_args(argv))
-    model = given.get("model", TrainConfig.model)
-    if model not in PRESETS:
-        parser.error(f"--model {model!r}: expected one of {list(PRESETS)}")
     return TrainConfig(**{**PRESETS[model], **given})
+
+
+def preset_name(argv) -> str:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--model", default=TrainConfig.model)
+    model = pre.parse_known_args(argv)[0].model
+    if model not in PRESETS:
+        pre.error(f"argument --model: invalid choice: {model!r} (choose from {', '.join(PRESETS)})")
+    return model
+
+
+def _parser_for(default):
+    """str -> value of the field's type; tuples are comma-separated."""
+    if isinstance(default, tuple):
+        item = type(default[0]) if default else int
+        return lambda s: tuple(item(x) for x in s.split(",") if x)
+    return type(default)
 
 
 def _show(value):

@@ -168,35 +168,58 @@ def test_direction_loss_gradient_moves_states_toward_direction():
     assert losses.direction_loss(new, orig, mask, u).item() < 0.25 * first
 
 
-def test_load_directions_per_layer_and_single(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    per_layer = {f"layer.{l}": torch.randn(8, generator=g) for l in (5, 10, 20)}
-    save_file(per_layer, tmp_path / "d.safetensors")
-    u = losses.load_directions(tmp_path / "d.safetensors", [10, 20], dim=8, n_layers=32)
-    assert u.shape == (2, 8)
-    torch.testing.assert_close(u[1], per_layer["layer.20"] / per_layer["layer.20"].norm())
+class FakeTokenizer:
+    """A chat format whose turns end with <eot> (id 9); generation also stops on <eos> (id 8)."""
+    stop_ids = [8, 9]
 
-    save_file({"direction": torch.randn(8, generator=g).bfloat16()}, tmp_path / "one.safetensors")
-    u = losses.load_directions(tmp_path / "one.safetensors", [10, 20], dim=8)
-    assert u.dtype == torch.float32 and torch.equal(u[0], u[1])
+    def apply_chat_template(self, messages):
+        return [1] + [t for m in messages for t in (5, 6, 9)]
 
 
-def test_load_directions_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="direction file not found"):
-        losses.load_directions(tmp_path / "missing.safetensors", [10], dim=8)
-    save_file({f"layer.{l}": torch.randn(8) for l in (10, 41)}, tmp_path / "deep.safetensors")
-    with pytest.raises(ValueError, match="layer 41 but the model has 32 layers"):
-        losses.load_directions(tmp_path / "deep.safetensors", [10], dim=8, n_layers=32)
-    with pytest.raises(ValueError, match=r"no direction for target layer\(s\) \[20\]"):
-        losses.load_directions(tmp_path / "deep.safetensors", [10, 20], dim=8)
-    with pytest.raises(ValueError, match=r"has shape \(8,\), expected \(16,\)"):
-        losses.load_directions(tmp_path / "deep.safetensors", [10], dim=16)
-    save_file({"other": torch.randn(8)}, tmp_path / "other.safetensors")
-    with pytest.raises(ValueError, match="expected tensors 'layer.<l>'"):
-        losses.load_directions(tmp_path / "other.safetensors", [10], dim=8)
-    save_file({"direction": torch.zeros(8)}, tmp_path / "zero.safetensors")
-    with pytest.raises(ValueError, match="zero or not finite"):
-        losses.load_directions(tmp_path / "zero.safetensors", [10], dim=8)
+class FakeModel(torch.nn.Module):
+    def __init__(self, D=8):
+        super().__init__()
+        self.args = type("Args", (), {"dim": D, "n_layers": 4})()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(10, D)
+
+
+def context(**config):
+    cfg = type("Config", (), {"target_layers": (2, 3), "seed": 0, "direction": "", **config})()
+    torch.manual_seed(0)
+    return losses.LossContext(FakeModel(), FakeTokenizer(), cfg)
+
+
+def test_registry_entries_build_terms_of_the_same_shape():
+    assert {"reroute", "random", "direction", "eot"} <= set(losses.LOSSES)
+    new, orig, mask = states()
+    ctx = context()
+    for name in ("reroute", "random", "eot"):
+        value = losses.LOSSES[name].build(ctx)(new, orig, mask)
+        assert value.shape == () and torch.isfinite(value), name
+    reroute = losses.LOSSES["reroute"].build(ctx)(new, orig, mask)
+    assert reroute.item() == losses.rerouting_loss(new, orig, mask).item()
+
+
+def test_eot_targets_the_embedding_of_the_token_that_ends_an_answer():
+    ctx = context()
+    assert losses.end_of_turn_id(ctx.tokenizer) == 9
+    u = ctx.model.model.embed_tokens.weight[9].detach()
+    u = (u / u.norm()).expand(2, -1)  # (L, D)
+    new, orig, mask = states()
+    expected = losses.direction_loss(new, orig, mask, u)
+    assert losses.LOSSES["eot"].build(ctx)(new, orig, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    on_target = u[:, None, None, :] * torch.linalg.vector_norm(orig, dim=-1, keepdim=True)
+    assert losses.LOSSES["eot"].build(ctx)(on_target, orig, mask).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_direction_entry_needs_a_file(tmp_path):
+    with pytest.raises(ValueError, match="--loss direction needs --direction FILE"):
+        losses.LOSSES["direction"].build(context())
+    save_file({"direction": torch.randn(8)}, tmp_path / "d.safetensors")
+    term = losses.LOSSES["direction"].build(context(direction=str(tmp_path / "d.safetensors")))
+    new, orig, mask = states()
+    assert torch.isfinite(term(new, orig, mask))
 
 
 def test_cosine_metric_matches_hand_computation():

@@ -378,3 +378,34 @@ def test_cli_rejects_a_missing_model(capsys, tmp_path):
     code, _, stderr = run_cli(capsys, "--model-path", tmp_path / "nope", "--harmful", "a", "--harmless", "b",
                               "--out", tmp_path / "d.safetensors")
     assert code == 1 and "no such model directory" in stderr
+
+
+def test_target_directions_per_layer_and_single(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    per_layer = {f"layer.{l}": torch.randn(8, generator=g) for l in (5, 10, 20)}
+    save_file(per_layer, tmp_path / "d.safetensors")
+    u = refusal.target_directions(tmp_path / "d.safetensors", [10, 20], dim=8, n_layers=32)
+    assert u.shape == (2, 8)
+    torch.testing.assert_close(u[1], per_layer["layer.20"] / per_layer["layer.20"].norm())
+
+    save_file({"direction": torch.randn(8, generator=g).bfloat16()}, tmp_path / "one.safetensors")
+    u = refusal.target_directions(tmp_path / "one.safetensors", [10, 20], dim=8)
+    assert u.dtype == torch.float32 and torch.equal(u[0], u[1])
+
+
+def test_target_directions_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="direction file not found"):
+        refusal.target_directions(tmp_path / "missing.safetensors", [10], dim=8)
+    save_file({f"layer.{l}": torch.randn(8) for l in (10, 41)}, tmp_path / "deep.safetensors")
+    with pytest.raises(ValueError, match="layer 41 but the model has 32 layers"):
+        refusal.target_directions(tmp_path / "deep.safetensors", [10], dim=8, n_layers=32)
+    with pytest.raises(ValueError, match=r"no direction for target layer\(s\) \[20\]"):
+        refusal.target_directions(tmp_path / "deep.safetensors", [10, 20], dim=8)
+    with pytest.raises(ValueError, match=r"has shape \(8,\), expected \(16,\)"):
+        refusal.target_directions(tmp_path / "deep.safetensors", [10], dim=16)
+    save_file({"other": torch.randn(8)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="expected tensors 'layer.<l>'"):
+        refusal.target_directions(tmp_path / "other.safetensors", [10], dim=8)
+    save_file({"direction": torch.zeros(8)}, tmp_path / "zero.safetensors")
+    with pytest.raises(ValueError, match="zero or not finite"):
+        refusal.target_directions(tmp_path / "zero.safetensors", [10], dim=8)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import losses
 import train
 from train import TrainConfig, parse_args
 
@@ -96,11 +97,29 @@ def test_every_field_is_a_flag(capsys):
         assert f"--{f.name.replace('_', '-')}" in shown, f.name
 
 
-def test_unknown_choice_is_refused():
+def test_help_shows_the_presets_values_and_every_loss(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "toy", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    toy = train.PRESETS["toy"]
+    assert f"(default: {toy['lr']})" in shown and f"(default: {toy['steps']})" in shown
+    assert "(default: 2,3)" in shown and "(default: 0.0001)" not in shown
+    assert "{" + ",".join(losses.LOSSES) + "}" in shown
+
+
+def test_unknown_choice_and_abbreviation_are_refused(capsys):
+    for argv in (["--loss", "sideways"], ["--mod", "toy"], ["--model", "tiny"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    assert "--model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--loss 'sideways'"):
-        train.resolve(parse_args(["--loss", "sideways"]))
+        train.resolve(TrainConfig(loss="sideways"))
+
+
+def test_direction_loss_without_a_file_is_refused_before_writing(world, tmp_path):
     with pytest.raises(ValueError, match="--loss direction needs --direction"):
-        train.resolve(parse_args(["--loss", "direction"]))
+        run(world, tmp_path, *FAST, "--loss", "direction")
+    assert not (tmp_path / "out").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -141,7 +160,8 @@ def test_base_weights_do_not_move(world, tmp_path):
             assert torch.equal(p, base[name]), name
 
 
-@pytest.mark.parametrize("extra", [["--retain-norm", "masked", "--loss-on", "response"], ["--loss", "random"]])
+@pytest.mark.parametrize("extra", [["--retain-norm", "masked", "--loss-on", "response"], ["--loss", "random"],
+                                   ["--loss", "eot"]])
 def test_variants_run(world, tmp_path, extra):
     _, out = run(world, tmp_path, "--steps", "2", *FAST, *extra)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
