@@ -63,6 +63,7 @@ import losses
 import train
 from lora import apply_lora, lora_disabled
 from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Shapes. The real models' configurations, and small ones with the same proportions for a CPU.
@@ -177,8 +178,7 @@ def synthetic_examples(cfg: train.TrainConfig, n: int, vocab_size: int, seed: in
 
 def real_examples(cfg: train.TrainConfig, tokenizer_path: str):
     """The training sets train.py builds from cfg.data_dir, and the tokenizer's pad id."""
-    tokenizer = data.Tokenizer.from_pretrained(tokenizer_path, chat_format=None if cfg.model == "llama3"
-                                               else "mistral")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_path, chat_format=None if cfg.model == "llama3" else "mistral")
     with contextlib.redirect_stdout(sys.stderr):  # its summary line; stdout carries only the record
         cb, retain, _ = train.load_data(cfg, tokenizer)
     return cb, retain, tokenizer.pad_id

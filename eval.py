@@ -57,9 +57,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from data import Tokenizer, load_circuit_breaker_set, load_harmbench, load_ultrachat
+from data import load_circuit_breaker_set, load_harmbench, load_ultrachat, pad
 from lora import load_adapter, lora_disabled, merge_lora, read_adapter_config
 from model import ModelArgs, Transformer, read_config
+from tokenizer import Tokenizer, template_tail
 
 # -----------------------------------------------------------------------------
 # 1. Attack settings: the official values are the defaults, and the command line is built from them.
@@ -304,17 +305,12 @@ def attack_ablate(model, tok, items, cfg, direction):
 
 
 def split_user_turn(tok, messages) -> tuple[list[int], list[int]]:
-    """The chat prompt split where the user's text ends: (up to and including it, the template after it).
-    The template's tail is found as the common suffix of two prompts whose user texts differ."""
-    ids = chat_prompt(tok, messages)
-    probe = [chat_prompt(tok, messages[:-1] + [{"role": "user", "content": c}]) for c in ("Say alpha", "Name a dog")]
-    n = 0
-    while n < min(map(len, probe)) and probe[0][-1 - n] == probe[1][-1 - n]:
-        n += 1
-    if ids[len(ids) - n:] != probe[0][len(probe[0]) - n:]:
+    """The chat prompt split where the user's text ends: (up to and including it, the template after it)."""
+    ids, tail = chat_prompt(tok, messages), template_tail(tok, messages[:-1])
+    if ids[len(ids) - len(tail):] != tail:
         raise ValueError(f"embed attack: the chat template's tail after {messages[-1]['content'][:40]!r} "
                          "differs from the usual one; cannot place the free embeddings")
-    return ids[:len(ids) - n], ids[len(ids) - n:]
+    return ids[:len(ids) - len(tail)], tail
 
 
 def init_ids(tok, cfg: AttackConfig) -> list[int]:
@@ -724,13 +720,9 @@ def chat_examples(tok, pairs, max_length: int) -> list[tuple[list[int], int]]:
 
 def padded(examples, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> tokens, attention mask and response mask, each (B, T), right-padded."""
-    T = max(len(ids) for ids, _ in examples)
-    tokens = torch.zeros(len(examples), T, dtype=torch.long)
-    mask, response = torch.zeros_like(tokens), torch.zeros_like(tokens)
-    for b, (ids, start) in enumerate(examples):
-        tokens[b, :len(ids)] = torch.tensor(ids)
-        mask[b, :len(ids)] = 1
-        response[b, start:len(ids)] = 1
+    tokens = pad([ids for ids, _ in examples], 0)
+    mask = pad([[1] * len(ids) for ids, _ in examples], 0)
+    response = pad([[0] * start + [1] * (len(ids) - start) for ids, start in examples], 0)
     return tokens.to(device), mask.to(device), response.to(device)
 
 
@@ -837,12 +829,9 @@ def mean_nll(model, examples, batch_size: int) -> float:
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        T = max(len(ids) for ids, _ in batch)
-        tokens = torch.zeros(len(batch), T, dtype=torch.long)
-        mask, loss_mask = torch.zeros_like(tokens), torch.zeros_like(tokens)
-        for b, (ids, lm) in enumerate(batch):
-            tokens[b, :len(ids)], mask[b, :len(ids)], loss_mask[b, :len(ids)] = torch.tensor(ids), 1, torch.tensor(lm)
-        tokens, mask, loss_mask = tokens.to(device), mask.to(device), loss_mask.to(device)
+        tokens = pad([ids for ids, _ in batch], 0).to(device)  # (B, T), right-padded
+        mask = pad([[1] * len(ids) for ids, _ in batch], 0).to(device)
+        loss_mask = pad([lm for _, lm in batch], 0).to(device)
         logits, _ = model(tokens, mask)  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
         keep = loss_mask[:, 1:].bool()

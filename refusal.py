@@ -71,8 +71,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import Tokenizer, load_instructions
+from data import load_instructions, pad
 from model import Transformer, save_pretrained
+from tokenizer import Tokenizer, template_tail
 
 # The first token of a typical refusal ("I cannot ...", "I'm sorry ..."), as in the paper for Llama-2/3.
 DEFAULT_REFUSAL_TEXTS = ["I"]
@@ -88,19 +89,14 @@ def tokenize_instructions(tokenizer, instructions: list[str]) -> list[list[int]]
 
 
 def post_instruction_tokens(tokenizer) -> list[int]:
-    """The template tokens that follow the user's text up to the end of the generation prompt.
-
-    Rendered with two placeholder instructions whose last characters differ (so their last tokens do,
-    even with a character-level vocabulary): the prompts' common suffix is exactly the template's tail,
-    whatever the chat format."""
-    a, b = tokenize_instructions(tokenizer, ["Say alpha", "Name a dog"])
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    if n == 0:
+    """The template tokens that follow the user's text up to the end of the generation prompt, in a
+    one-turn prompt as tokenize_instructions writes it: the post-instruction positions the candidate
+    directions come from."""
+    tail = template_tail(tokenizer)
+    if not tail:
         raise ValueError("the chat template adds no tokens after the user's text; there are no "
                          "post-instruction positions to read")
-    return a[len(a) - n:]
+    return tail
 
 
 def refusal_token_ids(tokenizer, texts: list[str]) -> list[int]:
@@ -136,12 +132,8 @@ def default_refusal_texts(model_dir) -> list[str]:
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> tokens (B, T), mask (B, T). Left padding keeps every prompt's last tokens at the same
     positions from the end; model.py counts positions over real tokens, so padding changes nothing."""
-    T = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[b, T - len(p):] = 1
+    tokens = pad(prompts, pad_id, "left")
+    mask = pad([[1] * len(p) for p in prompts], 0, "left")
     return tokens.to(device), mask.to(device)
 
 

@@ -91,7 +91,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import XSTEST
+from data import XSTEST, pad
 
 ROOT = Path("toy")
 
@@ -537,16 +537,11 @@ def encode_example(tok, eot: int, request: str, prefill: str, response: str) -> 
     return prefix + tok.encode(response) + [eot], len(prefix)
 
 
-def make_batch(examples: list[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded inputs (B, T) and next-token targets (B, T), -100 where no loss is taken. Right
     padding needs no attention mask: causal attention never lets a real token see the padding after it."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    inputs = torch.full((len(examples), T), pad, dtype=torch.long)
-    targets = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, (ids, n_free) in enumerate(examples):
-        ids = torch.tensor(ids)
-        inputs[b, :len(ids) - 1] = ids[:-1]
-        targets[b, n_free - 1:len(ids) - 1] = ids[n_free:]
+    inputs = pad([ids[:-1] for ids, _ in examples], pad_id)
+    targets = pad([[-100] * (n_free - 1) + ids[n_free:] for ids, n_free in examples], -100)
     return inputs, targets
 
 
@@ -571,7 +566,7 @@ def pretrain(world: dict, tok, eot: int, config: dict, seed: int, log=print):
             group["lr"] = lr
         examples = [encode_example(tok, eot, *pretraining_example(rng, world, held_out))
                     for _ in range(size.batch_size)]
-        inputs, targets = make_batch(examples, pad=eot)  # (B, T), (B, T)
+        inputs, targets = make_batch(examples, pad_id=eot)  # (B, T), (B, T)
         logits, _ = model(inputs)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
@@ -584,7 +579,7 @@ def pretrain(world: dict, tok, eot: int, config: dict, seed: int, log=print):
                 f"lr {lr:.2e}  {time.time() - t0:.0f}s")
     model.eval()
     examples = [encode_example(tok, eot, *pretraining_example(rng, world, held_out)) for _ in range(64)]
-    inputs, _ = make_batch(examples, pad=eot)  # (B, T)
+    inputs, _ = make_batch(examples, pad_id=eot)  # (B, T)
     real = torch.arange(inputs.shape[1])[None] < torch.tensor([len(ids) - 1 for ids, _ in examples])[:, None]
     scale = rescale_residual_stream(model, inputs, real, RESIDUAL_NORM)
     stats = {"steps": size.steps, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
@@ -629,8 +624,8 @@ def rescale_residual_stream(model, inputs: torch.Tensor, real: torch.Tensor, nor
 def build_world(root=ROOT, size: str = "full", seed: int = 0, log=print) -> dict:
     """Build the whole world into a temporary directory next to `root`, then move it into place (an
     older world is replaced only once the new one is complete). Returns the world.json dict."""
-    from data import Tokenizer
     from model import replace_dir, save_pretrained
+    from tokenizer import Tokenizer
 
     if size not in SIZES:
         raise ValueError(f"toy world size {size!r} unknown; expected one of {list(SIZES)}")
@@ -744,8 +739,8 @@ def summary(world: dict, root: Path) -> str:
 def demo(world: dict, root: Path) -> str:
     """The base model's greedy answers to one benign question and one held-out harmful request, asked
     directly, behind the jailbreak, and with a prefilled answer."""
-    from data import Tokenizer
     from model import Transformer
+    from tokenizer import Tokenizer
 
     model = Transformer.from_pretrained(Path(root) / "model", dtype=torch.float32).eval()
     tok = Tokenizer.from_pretrained(Path(root) / "model")

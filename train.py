@@ -37,6 +37,7 @@ import data
 import losses
 from lora import apply_lora, export_merged, load_adapter, lora_disabled, lora_modules, save_adapter
 from model import Transformer, replace_dir
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Configuration: one dataclass holds every default; the command line is generated from it.
@@ -331,7 +332,7 @@ def train(cfg: TrainConfig):
         import toy  # builds the toy world on first use
         toy.ensure_world(Path(cfg.model_path).parent)
     check_model_dir(cfg)
-    tokenizer = data.Tokenizer.from_pretrained(cfg.model_path)
+    tokenizer = Tokenizer.from_pretrained(cfg.model_path)
     cb, retain, val = load_data(cfg, tokenizer)  # fails on bad data before the model is loaded
     model = load_model(cfg)
     rerouting = rerouting_term(cfg, model, tokenizer)

@@ -44,7 +44,7 @@ def needs_shared(path: Path):
 
 
 class ByteTokenizer:
-    """Bytes are ids 0..255; four special ids follow. Same interface as data.Tokenizer."""
+    """Bytes are ids 0..255; four special ids follow. Same interface as tokenizer.Tokenizer."""
 
     BOS, START, END, EOT = 256, 257, 258, 259
     vocab_size, bos_id, stop_ids = 260, 256, [259]

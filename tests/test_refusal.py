@@ -193,7 +193,7 @@ def test_select_direction_records_every_candidate(ckpt):
 def llama3_tokenizer():
     if not SHARED.is_dir():
         pytest.skip("../shared not found: real tokenizers/data live there")
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     return Tokenizer.from_pretrained(SHARED / "tokenizers" / "llama3")
 
 
@@ -207,7 +207,7 @@ def test_llama3_post_instruction_tokens_and_refusal_token():
 def test_mistral_post_instruction_tokens_and_refusal_token():
     if not SHARED.is_dir():
         pytest.skip("../shared not found: real tokenizers/data live there")
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained(SHARED / "tokenizers" / "mistral" / "tokenizer.model", chat_format="mistral")
     assert refusal.post_instruction_tokens(tok) == [733, 28748, 16289, 28793]  # ▁[ / INST ]
     assert [tok.model.id_to_piece(i) for i in refusal.refusal_token_ids(tok, ["I"])] == ["▁I"]
@@ -269,7 +269,7 @@ def test_cli_writes_the_direction_file_and_the_orthogonalized_model(cli_model, c
     assert meta["format"] == "pt" and meta["model"] == str(cli_model / "model")
     layer, position = int(meta["layer"]), int(meta["position"])
     P = tensors["candidates"].shape[0]
-    from data import Tokenizer
+    from tokenizer import Tokenizer
     assert P == len(refusal.post_instruction_tokens(Tokenizer.from_pretrained(cli_model / "model")))
     assert -P <= position <= -1 and 0 <= layer < int(0.8 * L)
     assert tensors["candidates"].shape == (P, L + 1, D) and tensors["candidates"].dtype == torch.float32

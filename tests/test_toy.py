@@ -15,6 +15,7 @@ from safetensors import safe_open
 import data
 import toy
 from model import Transformer
+from tokenizer import Tokenizer
 
 SEED = 0
 
@@ -45,7 +46,7 @@ def model(world_dir):
 
 @pytest.fixture(scope="module")
 def tok(world_dir):
-    return data.Tokenizer.from_pretrained(world_dir / "model")
+    return Tokenizer.from_pretrained(world_dir / "model")
 
 
 def read(path):

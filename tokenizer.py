@@ -1,0 +1,330 @@
+"""Tokenizers and exact chat templates: Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece).
+
+Reading order:
+  1. Tokenizer: Llama-3's tiktoken file or a sentencepiece model, loaded from `tokenizer.model`.
+  2. Chat templates: Llama-3, Mistral (v0.1/v0.2) and Llama-2-chat, token for token as the models saw them.
+  3. Messages: the checks every template makes, the turn order Mistral and Llama-2 need, and where their
+     system prompt goes (they have no system turn).
+  4. The template's tail: the tokens between the end of the user's text and the model's answer.
+  5. Reading the files: tiktoken's BPE ranks, Meta's cut of long runs, sentencepiece's control pieces,
+     and config.json for which sentencepiece template.
+"""
+
+import base64
+import binascii
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import sentencepiece
+import tiktoken
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Tokenizer
+
+# Meta's split pattern for Llama-3 (llama3/tokenizer.py).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# The 256 special tokens that follow the 128,000 BPE ranks, in id order (Llama-3 names).
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>",
+    "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+    "<|start_header_id|>", "<|end_header_id|>",
+    "<|reserved_special_token_4|>", "<|eot_id|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+# The tokens the Llama-3 template inserts. A sentencepiece model holding all of them (the toy world's
+# tokenizer) uses the Llama-3 template too.
+LLAMA3_CONTROL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+CHAT_FORMATS = ("llama3", "mistral", "llama2")
+
+# Meta's encoder feeds tiktoken at most 400,000 characters at a time and cuts runs of more than 25,000
+# spaces or non-spaces (tiktoken is very slow on them); we cut the same way so ids match Meta's.
+_MAX_CHUNK = 400_000
+_MAX_RUN = 25_000
+_LONG_RUN = re.compile(rf"\s{{{_MAX_RUN + 1}}}|\S{{{_MAX_RUN + 1}}}")
+
+
+class Tokenizer:
+    """Text <-> token ids for Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece), plus chat templates.
+
+    `encode` never produces a special token: text that spells `<|eot_id|>` or `</s>` stays plain text, as
+    in Meta's encoder (HF's would parse it), so a message cannot forge a turn. Only the template inserts
+    special tokens. `decode` follows each library: tiktoken shows special tokens, sentencepiece drops them.
+    """
+
+    def __init__(self, kind: str, chat_format: str, model, special: dict[str, int]):
+        self.kind = kind                  # "tiktoken" or "sentencepiece"
+        self.chat_format = chat_format    # "llama3", "mistral" or "llama2"
+        self.model = model                # tiktoken.Encoding or sentencepiece.SentencePieceProcessor
+        self.special = special            # the special tokens the template inserts, by name
+        if chat_format == "llama3":
+            self.bos_id = special["<|begin_of_text|>"]
+            self.eos_id = special["<|end_of_text|>"]
+            self.stop_ids = [self.eos_id, special["<|eot_id|>"]]
+        else:
+            self.bos_id, self.eos_id = special["<s>"], special["</s>"]
+            self.stop_ids = [self.eos_id]
+        # No model here has a pad token; the official code pads with eos. Padding is always masked.
+        self.pad_id = self.eos_id
+        self.vocab_size = model.n_vocab if kind == "tiktoken" else model.get_piece_size()
+
+    @classmethod
+    def from_pretrained(cls, model_dir, chat_format: str | None = None) -> "Tokenizer":
+        """Load `tokenizer.model` (or `original/tokenizer.model`) from a model folder, or that file itself.
+
+        The file tells its kind. A sentencepiece model is Mistral's or Llama-2's: `config.json` beside it
+        says which (MistralForCausalLM -> mistral, else llama2), unless `chat_format` does.
+        """
+        model_dir = Path(model_dir)
+        path = _find_tokenizer_file(model_dir)
+        if chat_format is not None and chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format {chat_format!r}: expected one of {', '.join(CHAT_FORMATS)}")
+        if _is_tiktoken_file(path):
+            if chat_format not in (None, "llama3"):
+                raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer cannot use chat_format {chat_format!r}")
+            return cls._from_tiktoken(path)
+        return cls._from_sentencepiece(path, model_dir if model_dir.is_dir() else path.parent, chat_format)
+
+    @classmethod
+    def _from_tiktoken(cls, path: Path) -> "Tokenizer":
+        ranks = _read_bpe_ranks(path)
+        special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
+        encoding = tiktoken.Encoding(path.stem, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        return cls("tiktoken", "llama3", encoding, special)
+
+    @classmethod
+    def _from_sentencepiece(cls, path: Path, model_dir: Path, chat_format: str | None) -> "Tokenizer":
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: neither a tiktoken BPE file nor a sentencepiece model ({e})") from None
+        control = _llama3_control_pieces(sp, path)
+        if chat_format is None:
+            chat_format = "llama3" if control else _chat_format_from_config(model_dir, path)
+        if chat_format == "llama3":
+            if not control:
+                raise ValueError(f"{path}: chat_format 'llama3' needs the pieces {', '.join(LLAMA3_CONTROL)}")
+            return cls("sentencepiece", "llama3", sp, control)
+        if sp.bos_id() < 0 or sp.eos_id() < 0:
+            raise ValueError(f"{path}: the sentencepiece model has no bos or eos piece")
+        return cls("sentencepiece", chat_format, sp, {"<s>": sp.bos_id(), "</s>": sp.eos_id()})
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text: no BOS, and special-token text stays text."""
+        if self.kind == "sentencepiece":
+            return self.model.encode(text)
+        return [t for chunk in _tiktoken_chunks(text) for t in self.model.encode_ordinary(chunk)]
+
+    def decode(self, ids) -> str:
+        return self.model.decode([int(i) for i in ids])
+
+    # ------------------------------------------------------------------------------------------------
+    # 2. Chat templates
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of a conversation, BOS first, equal to the model's official chat template.
+
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. add_generation_prompt
+        appends Llama-3's assistant header; Mistral and Llama-2 prompts already end in "[/INST]".
+        """
+        check_messages(messages, "messages")
+        if self.chat_format == "llama3":
+            return self._llama3(messages, add_generation_prompt)
+        _check_turn_order(messages, self.chat_format)
+        if self.chat_format == "mistral":
+            return self._mistral(messages)
+        return self._llama2(messages)
+
+    def _llama3(self, messages, add_generation_prompt):
+        # <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>,
+        # content trimmed (HF template `| trim`, Meta's ChatFormat `.strip()`).
+        ids = [self.bos_id]
+        for m in messages:
+            ids += self._llama3_header(m["role"]) + self.encode(m["content"].strip()) + [self.special["<|eot_id|>"]]
+        if add_generation_prompt:
+            ids += self._llama3_header("assistant")
+        return ids
+
+    def _llama3_header(self, role: str) -> list[int]:
+        start, end = self.special["<|start_header_id|>"], self.special["<|end_header_id|>"]
+        return [start] + self.encode(role) + [end] + self.encode("\n\n")
+
+    def _mistral(self, messages):
+        # mistral-common's v1 tokenizer (Mistral-7B-Instruct v0.1/v0.2): <s>, then each user turn encoded as
+        # "[INST] {content} [/INST]" and each assistant turn as "{content}" + </s>. Encoding each chunk on its
+        # own gives the reply sentencepiece's leading "▁", i.e. "[/INST] reply"; the circuit-breaker code
+        # overrides HF's template to ' ' + content + eos for exactly this. A system prompt is prepended to
+        # the first user turn.
+        ids = [self.bos_id]
+        for m in _fold_system(messages, lambda system, user: f"{system}\n\n{user}"):
+            if m["role"] == "user":
+                ids += self.encode(f"[INST] {m['content']} [/INST]")
+            else:
+                ids += self.encode(m["content"]) + [self.eos_id]
+        return ids
+
+    def _llama2(self, messages):
+        # Meta's Llama-2 chat_completion (equal to HF's template): the system prompt goes inside the first
+        # user turn as "<<SYS>>\n{system}\n<</SYS>>\n\n"; each user/assistant pair is
+        # <s> "[INST] {user} [/INST] {answer} " </s>; a final user turn is <s> "[INST] {user} [/INST]".
+        turns = _fold_system(messages, lambda system, user: f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}")
+        ids = []
+        for i in range(0, len(turns), 2):
+            user = turns[i]["content"].strip()
+            if i + 1 < len(turns):
+                answer = turns[i + 1]["content"].strip()
+                ids += [self.bos_id] + self.encode(f"[INST] {user} [/INST] {answer} ") + [self.eos_id]
+            else:
+                ids += [self.bos_id] + self.encode(f"[INST] {user} [/INST]")
+        return ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Messages
+
+# Roles any template here knows. Mistral and Llama-2 also need user/assistant turns in alternation.
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages, where: str) -> None:
+    """A non-empty list of {"role", "content"} with string values and a known role; else ValueError."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}[{i}]: expected an object, got {type(m).__name__}")
+        for field in ("role", "content"):
+            if field not in m:
+                raise ValueError(f"{where}[{i}]: field '{field}' is missing")
+            if not isinstance(m[field], str):
+                raise ValueError(f"{where}[{i}]: field '{field}' should be a string, got {type(m[field]).__name__}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{where}[{i}]: role {m['role']!r} is not one the chat templates know "
+                             f"({', '.join(ROLES)})")
+
+
+def _check_turn_order(messages: list[dict], chat_format: str) -> None:
+    skip = int(messages[0]["role"] == "system")
+    if skip == len(messages):
+        raise ValueError(f"messages: the {chat_format} template needs a user message after the system message")
+    for i, m in enumerate(messages[skip:], skip):
+        if m["role"] != ("user", "assistant")[(i - skip) % 2]:
+            raise ValueError(f"messages[{i}]: the {chat_format} template needs an optional system message, then "
+                             f"user and assistant turns in alternation, starting with user; got {m['role']!r}")
+
+
+def _fold_system(messages: list[dict], join: Callable[[str, str], str]) -> list[dict]:
+    """Mistral and Llama-2 have no system turn: the system prompt goes into the first user message."""
+    if messages[0]["role"] != "system":
+        return messages
+    first = {"role": "user", "content": join(messages[0]["content"], messages[1]["content"])}
+    return [first] + messages[2:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The template's tail
+
+# Two user texts whose last characters differ, so their last tokens do, even with a character-level
+# vocabulary.
+_PROBES = ("Say alpha", "Name a dog")
+
+
+def template_tail(tokenizer, messages_before: Sequence[dict] = ()) -> list[int]:
+    """The template tokens that follow the user's text up to the end of the generation prompt.
+
+    Two prompts, `messages_before` then a user turn with one of two probe texts: their common suffix is
+    exactly the template's tail, whatever the chat format. Empty if the template adds nothing there."""
+    a, b = (tokenizer.apply_chat_template([*messages_before, {"role": "user", "content": text}],
+                                          add_generation_prompt=True) for text in _PROBES)
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Reading the files
+
+def _find_tokenizer_file(model_dir: Path) -> Path:
+    if model_dir.is_file():
+        return model_dir
+    candidates = [model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{model_dir}: no tokenizer.model (looked for {' and '.join(map(str, candidates))})")
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    # A tiktoken BPE file is text, one "base64-token rank" per line; a sentencepiece model is a protobuf.
+    with open(path, "rb") as f:
+        first = f.readline(1000)
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?\n?", first) is not None
+
+
+def _read_bpe_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for n, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{path}: line {n}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks should be 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
+def _tiktoken_chunks(text: str) -> Iterator[str]:
+    for start in range(0, len(text), _MAX_CHUNK):
+        chunk = text[start:start + _MAX_CHUNK]
+        yield from (_split_long_runs(chunk) if _LONG_RUN.search(chunk) else [chunk])
+
+
+def _split_long_runs(text: str) -> Iterator[str]:
+    # Meta's _split_whitespaces_or_nonwhitespaces: cut after every _MAX_RUN characters of one run.
+    run_len, run_is_space, cut = 0, text[:1].isspace(), 0
+    for i, char in enumerate(text):
+        if char.isspace() != run_is_space:
+            run_len, run_is_space = 1, char.isspace()
+        else:
+            run_len += 1
+            if run_len > _MAX_RUN:
+                yield text[cut:i]
+                cut, run_len = i, 1
+    yield text[cut:]
+
+
+def _llama3_control_pieces(sp, path: Path) -> dict[str, int]:
+    """{piece: id} of Llama-3's control pieces in a sentencepiece vocabulary; {} when it has none."""
+    found = {p: sp.piece_to_id(p) for p in LLAMA3_CONTROL if sp.id_to_piece(sp.piece_to_id(p)) == p}
+    if not found:
+        return {}
+    missing = [p for p in LLAMA3_CONTROL if p not in found]
+    if missing:
+        raise ValueError(f"{path}: has some Llama-3 control pieces but not {', '.join(missing)}")
+    plain = [p for p, i in found.items() if not sp.is_control(i)]
+    if plain:
+        # A user-defined piece is matched inside text, so a message could forge a turn with it.
+        raise ValueError(f"{path}: {', '.join(plain)} must be control symbols (spm_train --control_symbols), "
+                         "not user-defined pieces that text can spell")
+    return found
+
+
+def _chat_format_from_config(model_dir: Path, path: Path) -> str:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path}: a sentencepiece tokenizer is Mistral's or Llama-2's and no {config} says which; "
+                         "pass chat_format='mistral' or 'llama2'")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{config}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    architectures = (settings.get("architectures") if isinstance(settings, dict) else None) or []
+    return "mistral" if "MistralForCausalLM" in architectures else "llama2"
