@@ -334,3 +334,9 @@ def test_template_tail(llama3, mistral, llama2, toy):
         tail = template_tail(tok, before)
         prompt = tok.apply_chat_template(CONVERSATIONS[2], add_generation_prompt=True)
         assert tail == template_tail(tok) and prompt[len(prompt) - len(tail):] == tail
+
+
+def test_end_of_turn_token_for_the_eot_loss(llama3, mistral):
+    import losses
+    assert losses.end_of_turn_id(llama3) == llama3.special["<|eot_id|>"] == 128009
+    assert losses.end_of_turn_id(mistral) == mistral.eos_id == 2
