@@ -59,10 +59,11 @@ from pathlib import Path
 import torch
 
 import data
+import hf
 import losses
 import train
 from lora import apply_lora, lora_disabled
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, projection_shapes
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def build_model(cfg: train.TrainConfig, args: ModelArgs, head: bool) -> Transfor
     torch.manual_seed(0)
     with torch.device(cfg.device):
         model = Transformer(args, n_layers=train.n_blocks_needed(cfg), lm_head=head)
-    model.to(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    model.to(hf.pick_dtype(cfg.dtype, cfg.device))
     torch.manual_seed(cfg.seed)
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                layers=cfg.lora_layers)
@@ -235,7 +236,7 @@ def build_model(cfg: train.TrainConfig, args: ModelArgs, head: bool) -> Transfor
     return model
 
 
-def official_step_loss(model, batch, step: int, cfg: train.TrainConfig, target=None):
+def official_step_loss(model, batch, step: int, cfg: train.TrainConfig, rerouting):
     """train.step_loss as the official code computes it: the same losses, from full forward passes."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
     with torch.no_grad(), lora_disabled(model):
@@ -245,7 +246,7 @@ def official_step_loss(model, batch, step: int, cfg: train.TrainConfig, target=N
     retain_new = official_forward(model, batch.retain_tokens, batch.retain_mask)
 
     at_targets = lambda states: [states[l] for l in cfg.target_layers]  # noqa: E731
-    cb_loss = losses.rerouting_loss(at_targets(cb_new), at_targets(cb_orig), batch.cb_loss_mask)
+    cb_loss = rerouting(at_targets(cb_new), at_targets(cb_orig), batch.cb_loss_mask)
     retain_loss = losses.retain_loss_official(losses.official_retain_states(retain_new, model.model.norm),
                                               losses.official_retain_states(retain_orig, model.model.norm),
                                               batch.retain_mask, pad_to=data.OFFICIAL_LENGTHS.retain)
@@ -267,7 +268,7 @@ def train_step(model, batch, step, cfg, step_loss, params, optimizer, autocast):
     batch = batch.to(cfg.device)
     model.train()
     with autocast:
-        loss, _ = step_loss(model, batch, step, cfg, None)
+        loss, _ = step_loss(model, batch, step, cfg, losses.rerouting_loss)  # the paper's term
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
@@ -297,12 +298,6 @@ def train_step(model, batch, step, cfg, step_loss, params, optimizer, autocast):
 # tokens without recomputation, the same work for both modes.
 
 
-def projection_sizes(args: ModelArgs) -> dict[str, tuple[int, int]]:
-    D, HE, KE, F = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_dim
-    return {"q_proj": (D, HE), "k_proj": (D, KE), "v_proj": (D, KE), "o_proj": (HE, D),
-            "gate_proj": (D, F), "up_proj": (D, F), "down_proj": (F, D)}
-
-
 def step_flops(args: ModelArgs, cfg: train.TrainConfig, cb_lengths, retain_lengths, *, official: bool,
                recompute: bool) -> float:
     """FLOPs of one step whose rows have these lengths (padded or real)."""
@@ -312,8 +307,8 @@ def step_flops(args: ModelArgs, cfg: train.TrainConfig, cb_lengths, retain_lengt
 def flop_parts(args: ModelArgs, cfg: train.TrainConfig, cb_lengths, retain_lengths, *, official: bool,
                recompute: bool) -> dict[str, float]:
     """The same, split into linear, lora, attention and head FLOPs."""
-    sizes = projection_sizes(args)
-    linear_per_token = sum(2 * i * o for i, o in sizes.values())
+    sizes = projection_shapes(args)  # (out, in) of each projection
+    linear_per_token = sum(2 * o * i for o, i in sizes.values())
     lora_per_token = sum(2 * cfg.lora_r * sum(sizes[t]) for t in cfg.lora_targets)
     n_loaded, n_target = train.n_blocks_needed(cfg), max(cfg.target_layers)
 
@@ -540,7 +535,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first, per mode (default: %(default)s)")
     p.add_argument("--data-dir", help="the official files (as train.py --data-dir); default: synthetic lengths")
     p.add_argument("--tokenizer", help="model directory or tokenizer.model, with --data-dir")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
                    help="our base weights (default: auto, bf16 on CUDA, fp32 on CPU, as train.py)")
     p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="gradient checkpointing, both modes (default: on for CUDA, as train.py)")

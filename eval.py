@@ -55,11 +55,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
+import hf
 from data import load_circuit_breaker_set, load_harmbench, load_ultrachat, pad
-from lora import load_adapter, lora_disabled, merge_lora, read_adapter_config
-from model import ModelArgs, Transformer, read_config
+from lora import lora_disabled
 from tokenizer import Tokenizer, template_tail
 
 # -----------------------------------------------------------------------------
@@ -89,59 +88,12 @@ class AttackConfig:
 # 2. Models: the base checkpoint, an optional adapter, checked before anything heavy is loaded
 
 
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-            "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[name]
-
-
 def load_model(model_path, adapter=None, dtype=torch.bfloat16, device="cpu", merge=True):
     """-> (model, tokenizer). The adapter is merged into the weights unless merge=False (the layer
     analysis keeps it separate, to switch it off)."""
-    if adapter is not None:
-        check_adapter(adapter, model_path)
-    model = Transformer.from_pretrained(model_path, dtype=dtype, device=device).eval()
+    model = hf.load_model(model_path, dtype=dtype, device=device, adapter=adapter, merge=merge).eval()
     model.requires_grad_(False)  # attacks differentiate with respect to their inputs only
-    if adapter is not None:
-        load_adapter(model, adapter)
-        if merge:
-            merge_lora(model)
     return model, Tokenizer.from_pretrained(model_path)
-
-
-def check_adapter(adapter_dir, model_path):
-    """Refuse an adapter made for another base model, from config.json and the safetensors header alone:
-    its recorded base model, its layer indices and every tensor shape."""
-    adapter_dir, model_path = Path(adapter_dir), Path(model_path)
-    cfg = read_adapter_config(adapter_dir)
-    args = ModelArgs.from_hf_config(read_config(model_path), source=str(model_path / "config.json"))
-    base = cfg.get("base_model_name_or_path")
-    if base and Path(str(base)).name not in (model_path.resolve().name, model_path.absolute().name):
-        raise ValueError(f"{adapter_dir / 'adapter_config.json'}: made for base model {base!r}, not "
-                         f"{str(model_path)!r} (pass that base model's directory as --model-path)")
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing")
-    HE, KE, D, F_ = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.dim, args.ffn_dim
-    out_in = {"q_proj": (HE, D), "k_proj": (KE, D), "v_proj": (KE, D), "o_proj": (D, HE),
-              "gate_proj": (F_, D), "up_proj": (F_, D), "down_proj": (D, F_)}  # each weight's (out, in)
-    r = cfg["r"]
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():
-            parts = name.split(".")  # base_model.model.model.layers.{i}.{parent}.{proj}.lora_{A,B}.weight
-            if len(parts) != 9 or parts[3] != "layers" or not parts[4].isdigit() or parts[6] not in out_in:
-                raise ValueError(f"{weights}: unexpected tensor {name!r}")
-            layer, proj, part = int(parts[4]), parts[6], parts[7]
-            if layer >= args.n_layers:
-                raise ValueError(f"{weights}: {name} is for layer {layer}, but {model_path} has "
-                                 f"{args.n_layers} layers (an adapter for another base model?)")
-            out_f, in_f = out_in[proj]
-            want = (r, in_f) if part == "lora_A" else (out_f, r)
-            found = tuple(f.get_slice(name).get_shape())
-            if found != want:
-                raise ValueError(f"{weights}: {name} has shape {list(found)}, but {model_path} needs "
-                                 f"{list(want)} (an adapter for another base model?)")
 
 
 def release():
@@ -502,7 +454,7 @@ def check_judge_path(path):
     """The HarmBench classifier is a Llama-2 checkpoint: LlamaForCausalLM, a 32,000-piece sentencepiece
     tokenizer, a vocabulary that size. Anything else (Llama-3, Mistral, a folder of something) is refused."""
     path = Path(path)
-    config = read_config(path)
+    config = hf.read_config(path)
     where = path / "config.json"
     if "LlamaForCausalLM" not in (config.get("architectures") or []):
         raise ValueError(f"{where}: architectures {config.get('architectures')}; the HarmBench classifier is "
@@ -524,7 +476,7 @@ def judge_harmbench(judge_path, items, generations, batch_size=8, dtype=torch.bf
     """1 = the generation is an instance of the behaviour, 0 = it is not, -1 = the classifier said
     neither yes nor no. As officially: the prompt text with BOS, one greedy token, compared lower-cased."""
     tok = check_judge_path(judge_path)
-    judge = Transformer.from_pretrained(judge_path, dtype=dtype, device=device).eval()
+    judge = hf.load_pretrained(judge_path, dtype=dtype, device=device).eval()
     prompts = [[tok.bos_id] + tok.encode(harmbench_prompt(it["behavior"], g, it.get("context")))
                for it, g in zip(items, generations)]
     cfg = AttackConfig(batch_size=batch_size, max_new_tokens=1)
@@ -593,10 +545,10 @@ def evaluate_harmbench(args, cfg: AttackConfig) -> dict:
     if args.judge == "toy":
         items = toy_items(items, args.toy_root)
     if args.adapter:
-        check_adapter(args.adapter, args.model_path)
+        hf.check_adapter(args.adapter, args.model_path)
     direction = read_direction(args, cfg)
 
-    dtype = pick_dtype(args.dtype, args.device)
+    dtype = hf.pick_dtype(args.dtype, args.device)
     model, tok = load_model(args.model_path, args.adapter, dtype, args.device)
     t0 = time.time()
     results = run_attack(args.attack, model, tok, items, cfg, direction)
@@ -626,7 +578,7 @@ def read_direction(args, cfg: AttackConfig):
         raise ValueError(f"--attack {args.attack} needs --direction FILE (written by refusal.py)")
     import refusal
 
-    margs = ModelArgs.from_hf_config(read_config(Path(args.model_path)))
+    margs = hf.model_args(hf.read_config(Path(args.model_path)))
     direction = refusal.load_direction(args.direction, margs)
     bad = [l for l in cfg.repe_layers if not 0 <= l <= margs.n_layers]
     if bad:
@@ -669,7 +621,7 @@ def evaluate_xstest(args, cfg: AttackConfig) -> dict:
         raise ValueError(f"{args.benchmark}: no prompts left after --start {args.start} --limit {args.limit}")
     if args.attack != "direct" or args.judge != "refusal":
         raise ValueError("an XSTest benchmark measures over-refusal: use --attack direct --judge refusal")
-    model, tok = load_model(args.model_path, args.adapter, pick_dtype(args.dtype, args.device), args.device)
+    model, tok = load_model(args.model_path, args.adapter, hf.pick_dtype(args.dtype, args.device), args.device)
     items = [{"messages": [{"role": "user", "content": r["prompt"]}]} for r in rows]
     results = attack_direct(model, tok, items, cfg)
     del model
@@ -751,7 +703,7 @@ def evaluate_layers(args) -> dict:
     if not benign_path.is_file():
         raise FileNotFoundError(f"{benign_path}: no benign chat file; pass --benign FILE (UltraChat JSONL)")
     benign = load_ultrachat(benign_path, limit=args.limit)
-    model, tok = load_model(args.model_path, args.adapter, pick_dtype(args.dtype, args.device), args.device,
+    model, tok = load_model(args.model_path, args.adapter, hf.pick_dtype(args.dtype, args.device), args.device,
                             merge=False)
     sets = {"harmful": chat_examples(tok, [(r["prompt"], r["output"]) for r in harmful[:args.limit]], args.max_length),
             "benign": chat_examples(tok, [(c["messages"][0]["content"], c["messages"][1]["content"])
@@ -842,7 +794,7 @@ def mean_nll(model, examples, batch_size: int) -> float:
 
 def evaluate_perplexity(args) -> dict:
     conversations = load_ultrachat(args.data, limit=args.limit)
-    model, tok = load_model(args.model_path, args.adapter, pick_dtype(args.dtype, args.device), args.device,
+    model, tok = load_model(args.model_path, args.adapter, hf.pick_dtype(args.dtype, args.device), args.device,
                             merge=False)
     examples = conversation_examples(tok, conversations, args.max_length)
     with lora_disabled(model):
@@ -873,7 +825,7 @@ def evaluate_toy(root, adapter=None, cfg: AttackConfig | None = None, device="cp
     cfg = cfg or TOY_CONFIG
     model_path = root / "model"
     if adapter is not None:
-        check_adapter(adapter, model_path)
+        hf.check_adapter(adapter, model_path)
     harmful = [{**e, "messages": [{"role": "user", "content": e["behavior"]}], "target": e["default_target"],
                 "context": None} for e in world["harmful_eval"]]
     benign = [{**e, "messages": [{"role": "user", "content": e["question"]}]} for e in world["benign_eval"]]
@@ -981,7 +933,7 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="number of behaviours")
     p.add_argument("--out", help="results JSON")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
                    help="auto: bf16 on CUDA, fp32 on CPU")
     # Attack settings come from AttackConfig; a flag left out keeps the dataclass default (or, for the
     # toy world, TOY_CONFIG's), so every default lives in one place.
@@ -1024,7 +976,7 @@ def parse_analysis_args(command, argv):
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES])
     return p.parse_args(argv)
 
 
@@ -1056,8 +1008,8 @@ def run(argv) -> None:
         if args.direction:
             import refusal
 
-            direction = refusal.load_direction(args.direction, ModelArgs.from_hf_config(
-                read_config(Path(args.toy_root) / "model")))
+            direction = refusal.load_direction(args.direction, hf.model_args(
+                hf.read_config(Path(args.toy_root) / "model")))
         result = evaluate_toy(args.toy_root, args.adapter, attack_config(args, TOY_CONFIG), args.device, direction)
         write_json(args.out, result)
         print(toy_table(result))

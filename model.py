@@ -1,10 +1,10 @@
 """
-A Llama-3 / Mistral transformer in plain PyTorch that loads Hugging Face checkpoints unchanged
+A Llama-3 / Mistral transformer in plain PyTorch that runs Hugging Face checkpoints unchanged
 and returns its residual stream.
 
 Read it top to bottom: configuration, the pieces of a block (RMSNorm, rotary embeddings,
-attention, MLP), the block, the model with its forward pass and generation, then loading and
-saving safetensors checkpoints.
+attention, MLP), the block, the model with its forward pass and generation. Reading and writing
+checkpoints (config.json, safetensors shards) is hf.py's job.
 
 The residual stream is what circuit breakers act on, so `forward` returns it directly:
 
@@ -24,32 +24,22 @@ Shape letters: B batch, T time (query length), S key length, D model width, H qu
 K key/value heads, E head dim, F MLP width, V vocabulary, L layers.
 """
 
-import json
 import math
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # Configuration
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
-
-
 @dataclass
 class ModelArgs:
+    """The architecture's sizes and constants; hf.model_args reads them from a config.json."""
+
     dim: int  # D, hidden_size
     n_layers: int  # L, num_hidden_layers
     n_heads: int  # H, num_attention_heads
@@ -65,59 +55,12 @@ class ModelArgs:
     bos_id: int | None = None
     eos_ids: list[int] = field(default_factory=list)
 
-    @classmethod
-    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
-        """Build from a Hugging Face config.json dict; refuse what this file does not implement."""
-        archs = cfg.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-            raise ValueError(f"{source}: architectures {archs} not supported; "
-                             f"expected one of {list(SUPPORTED_ARCHITECTURES)}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} not supported; expected 'silu'")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ValueError(f"{source}: biased projections are not supported")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if key not in cfg:
-                raise ValueError(f"{source}: missing field {key!r}")
-        theta, scaling = _read_rope(cfg, source)
-        eos = cfg.get("eos_token_id")
-        n_heads = cfg["num_attention_heads"]
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            ffn_dim=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            sliding_window=cfg.get("sliding_window"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            bos_id=cfg.get("bos_token_id"),
-            eos_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-        )
 
-
-def _read_rope(cfg: dict, source: str) -> tuple[float, dict | None]:
-    """Hub configs keep `rope_theta` and `rope_scaling` at top level; transformers >= 5 writes a
-    `rope_parameters` block instead. Read either."""
-    params = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if scaling is not None:
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"{source}: rope type {rope_type!r} not supported; expected one of "
-                             f"{list(SUPPORTED_ROPE_TYPES)}")
-        if rope_type == "default":
-            scaling = None
-        else:
-            for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-                if key not in scaling:
-                    raise ValueError(f"{source}: llama3 rope scaling lacks {key!r}")
-    return float(theta), scaling
+def projection_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """{projection name: its weight's (out, in)} for the seven linear layers of a block, as built below."""
+    D, HE, KE, F_ = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_dim
+    return {"q_proj": (HE, D), "k_proj": (KE, D), "v_proj": (KE, D), "o_proj": (D, HE),
+            "gate_proj": (F_, D), "up_proj": (F_, D), "down_proj": (D, F_)}
 
 
 # -----------------------------------------------------------------------------
@@ -394,168 +337,6 @@ class Transformer(nn.Module):
             key_mask[:, T0 + t] = 1
             logits, _ = self._run(self.embed(token[:, None]), key_mask[:, :T0 + t + 1], cache)
         return [out[b, :n_new[b]].tolist() for b in range(B)]
-
-    # -------------------------------------------------------------------------
-    # Loading
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu", n_layers=None, lm_head=True):
-        """Load a HF checkpoint directory (config.json + model.safetensors or an indexed set of shards).
-        n_layers=k loads only the first k blocks; lm_head=False skips the output head. The model is built
-        on the meta device and tensors are assigned file by file, so peak memory is one copy of the
-        weights; every name and shape is checked first, so an error never leaves a half-loaded model."""
-        path = Path(path)
-        config = read_config(path)
-        args = ModelArgs.from_hf_config(config, source=str(path / "config.json"))
-        n = args.n_layers if n_layers is None else n_layers
-        if not 1 <= n <= args.n_layers:
-            raise ValueError(f"n_layers={n_layers}, but {path / 'config.json'} has {args.n_layers} layers")
-        with torch.device("meta"):
-            model = cls(args, n_layers=n, lm_head=lm_head)
-        model.config = config
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        if lm_head and args.tie_word_embeddings:
-            expected.pop("lm_head.weight")  # tied: the embedding matrix is the head
-
-        state = {}
-        for file, names in weight_files(path).items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in names:
-                    if _skipped(name, n, args.n_layers, lm_head):
-                        continue
-                    if name not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {name!r} for this model")
-                    found = tuple(f.get_slice(name).get_shape())
-                    if found != tuple(expected[name]):
-                        raise ValueError(f"{file}: tensor {name!r} has shape {list(found)}, "
-                                         f"expected {list(expected[name])}")
-                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks tensor {missing[0]!r}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        model.load_state_dict(state, strict=False, assign=True)
-        if lm_head and args.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        return model
-
-
-def read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model directory")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing (a Hugging Face model directory holds config.json)")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
-
-
-def weight_files(path: Path) -> dict[Path, list[str]]:
-    """{safetensors file: tensor names in it}, from model.safetensors.index.json or model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from None
-        files: dict[Path, list[str]] = {}
-        for name, shard in weight_map.items():
-            files.setdefault(path / shard, []).append(name)
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{index}: lists shard {file.name}, which is missing")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        with safe_open(single, framework="pt", device="cpu") as f:
-            return {single: list(f.keys())}
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
-    if pickled:
-        raise ValueError(f"{path}: only pickled weights found ({pickled[0]}); pickles can run code when "
-                         "loaded, so this project reads safetensors only (download the .safetensors files)")
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def _skipped(name: str, n_loaded: int, n_total: int, lm_head: bool) -> bool:
-    """Tensors a truncated or headless load leaves on disk, and buffers old checkpoints carry."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return True
-    if name == "lm_head.weight":
-        return not lm_head
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    return m is not None and n_loaded <= int(m.group(1)) < n_total
-
-
-# -----------------------------------------------------------------------------
-# Saving, in the format Hugging Face and serving stacks load
-
-
-def save_pretrained(out_dir, state_dict: dict, config: dict, max_shard_size: int = 5 * 2**30):
-    """Write a HF checkpoint directory: config.json and model.safetensors, or shards with an index.
-    Written into a temporary directory and renamed, so a crash never leaves a half-written model."""
-    out_dir = Path(out_dir)
-    config = hub_config(config, next(iter(state_dict.values())).dtype)
-    if config.get("tie_word_embeddings"):
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-    shards = _shard(state_dict, max_shard_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-        weight_map = {}
-        for shard, name in zip(shards, names):
-            # "format": "pt" is required by several transformers 4.x versions.
-            save_file({k: v.detach().contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        if len(shards) > 1:
-            total = sum(v.numel() * v.element_size() for v in state_dict.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def hub_config(config: dict, dtype: torch.dtype) -> dict:
-    """The hub's keys (rope_theta, rope_scaling, torch_dtype): older transformers and serving stacks
-    ignore transformers 5's rope_parameters and would silently fall back to theta 10000."""
-    config = dict(config)
-    params = config.pop("rope_parameters", None) or {}
-    config.setdefault("rope_theta", params.get("rope_theta", 10000.0))
-    if params.get("rope_type", "default") != "default":
-        config.setdefault("rope_scaling", {k: v for k, v in params.items() if k != "rope_theta"})
-    config.pop("dtype", None)
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return config
-
-
-def _shard(state_dict: dict, max_bytes: int) -> list[dict]:
-    shards, current, size = [], {}, 0
-    for name, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    return shards + [current]
-
-
-def replace_dir(src: Path, dst: Path):
-    """Move a finished directory into place; an older one at dst is removed only after the move."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------

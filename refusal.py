@@ -60,7 +60,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -71,8 +70,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import hf
 from data import load_instructions, pad
-from model import Transformer, save_pretrained
 from tokenizer import Tokenizer, template_tail
 
 # The first token of a typical refusal ("I cannot ...", "I'm sorry ..."), as in the paper for Llama-2/3.
@@ -251,13 +250,7 @@ def save_orthogonalized(model, model_dir, out_dir):
     """Write an orthogonalised model as a HF checkpoint, with the source's tokenizer files beside it."""
     if len(model.model.layers) != model.args.n_layers or model.lm_head is None:
         raise ValueError("save_orthogonalized needs the whole model (every block and the head)")
-    save_pretrained(out_dir, model.state_dict(), model.config)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "generation_config.json", "original/tokenizer.model"):
-        if (model_dir / name).is_file():
-            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(model_dir / name, out_dir / name)
+    hf.save_pretrained(out_dir, model.state_dict(), model.config, tokenizer_from=model_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -543,8 +536,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     if args.direction is not None:
         if args.export is None:
@@ -590,8 +583,8 @@ def find_direction(args, model, log=print) -> Selection:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
-        model = Transformer.from_pretrained(args.model_path, dtype=dtype, device=args.device).eval()
+        dtype = hf.pick_dtype(args.dtype, args.device)
+        model = hf.load_pretrained(args.model_path, dtype=dtype, device=args.device).eval()
         model.requires_grad_(False)
         if args.direction is not None:
             direction = load_direction(args.direction, model).direction

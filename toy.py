@@ -62,7 +62,7 @@ API:
     answered(generation, item) -> bool     benign success: the item's exact answer appears in the
                                            generation (case-insensitive, on word boundaries)
 
-The model was trained in fp32; load it with `Transformer.from_pretrained(root / "model", dtype=torch.float32)`.
+The model was trained in fp32; load it with `hf.load_pretrained(root / "model", dtype=torch.float32)`.
 Generation stops at the tokenizer's stop ids; greedy decoding with 64 new tokens fits every answer.
 
 Command:
@@ -81,7 +81,6 @@ import random
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -548,11 +547,12 @@ def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torc
 def pretrain(world: dict, tok, eot: int, config: dict, seed: int, log=print):
     """Train the chat model from scratch: AdamW, linear warmup then cosine decay, loss on the
     assistant's tokens only. Returns the model and a few numbers for world.json."""
-    from model import ModelArgs, Transformer
+    from hf import model_args
+    from model import Transformer
 
     size = WorldSize(**world["size"])
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_hf_config(config))
+    model = Transformer(model_args(config))
     model.config = config
     init_weights(model, size.n_layers)
     opt = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -624,17 +624,13 @@ def rescale_residual_stream(model, inputs: torch.Tensor, real: torch.Tensor, nor
 def build_world(root=ROOT, size: str = "full", seed: int = 0, log=print) -> dict:
     """Build the whole world into a temporary directory next to `root`, then move it into place (an
     older world is replaced only once the new one is complete). Returns the world.json dict."""
-    from model import replace_dir, save_pretrained
+    from hf import atomic_dir, save_pretrained
     from tokenizer import Tokenizer
 
     if size not in SIZES:
         raise ValueError(f"toy world size {size!r} unknown; expected one of {list(SIZES)}")
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the world is an ordinary cache directory
-    try:
+    with atomic_dir(root) as tmp:
         world = make_world(SIZES[size], seed)
         world["size_name"] = size
         write_files(tmp / "data", make_data_files(world, random.Random(seed + 1)))
@@ -651,10 +647,6 @@ def build_world(root=ROOT, size: str = "full", seed: int = 0, log=print) -> dict
 
         world["build_seconds"] = round(time.time() - t0, 1)
         (tmp / "world.json").write_text(json.dumps(world, indent=1) + "\n")
-        replace_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return world
 
 
@@ -739,10 +731,10 @@ def summary(world: dict, root: Path) -> str:
 def demo(world: dict, root: Path) -> str:
     """The base model's greedy answers to one benign question and one held-out harmful request, asked
     directly, behind the jailbreak, and with a prefilled answer."""
-    from model import Transformer
+    from hf import load_pretrained
     from tokenizer import Tokenizer
 
-    model = Transformer.from_pretrained(Path(root) / "model", dtype=torch.float32).eval()
+    model = load_pretrained(Path(root) / "model", dtype=torch.float32).eval()
     tok = Tokenizer.from_pretrained(Path(root) / "model")
     chat = lambda text: tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     benign, harmful = world["benign_eval"][0], world["harmful_eval"][0]

@@ -34,9 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
+import hf
 import losses
-from lora import apply_lora, export_merged, load_adapter, lora_disabled, lora_modules, save_adapter
-from model import Transformer, replace_dir
+from lora import apply_lora, lora_disabled, lora_modules
+from model import Transformer
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -155,10 +156,8 @@ def check_model_dir(cfg: TrainConfig):
 
 
 def load_model(cfg: TrainConfig) -> Transformer:
-    path = Path(cfg.model_path)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    model = Transformer.from_pretrained(path, dtype=dtype, device=cfg.device, n_layers=n_blocks_needed(cfg),
-                                        lm_head=False)  # training never reads logits
+    model = hf.load_model(cfg.model_path, dtype=hf.pick_dtype(cfg.dtype, cfg.device), device=cfg.device,
+                          n_layers=n_blocks_needed(cfg), lm_head=False)  # training never reads logits
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                layers=cfg.lora_layers)
@@ -280,10 +279,6 @@ def validate(model, val_batches, cfg: TrainConfig) -> float:
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig):
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        replace_dir(tmp, tmp.with_name(f".{path.name}.stale"))  # leftovers of a killed save
-    save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.model_path)
     state = {}
     for i, s in optimizer.state_dict()["state"].items():
         for k, v in s.items():
@@ -291,16 +286,17 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig):
     state["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         state["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(state, tmp / "trainer.safetensors", metadata={"format": "pt"})
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
-    replace_dir(tmp, path)
+    with hf.atomic_dir(path) as tmp:
+        hf.save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.model_path)
+        save_file(state, tmp / "trainer.safetensors", metadata={"format": "pt"})
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
 
 
 def load_checkpoint(path: Path, model, optimizer) -> int:
     """Restore adapter, optimizer and RNG state; return the last completed step."""
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from (expected {path / 'trainer.json'})")
-    load_adapter(model, path / "adapter")
+    hf.load_adapter(model, path / "adapter")
     tensors = load_file(path / "trainer.safetensors")
     opt_state = optimizer.state_dict()
     for key, value in tensors.items():
@@ -382,10 +378,10 @@ def train(cfg: TrainConfig):
             last_good = ckpt
     metrics_file.close()
 
-    save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model_path)
+    hf.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model_path)
     print(f"adapter written to {out / 'adapter'}")
     if cfg.merge:
-        export_merged(cfg.model_path, model, out / "merged")
+        hf.export_merged(cfg.model_path, model, out / "merged")
         print(f"merged model written to {out / 'merged'}")
     return model
 

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
+import hf  # noqa: E402
 import lora  # noqa: E402
-from model import Transformer  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,7 +90,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    m = Transformer.from_pretrained(tiny, dtype=torch.float32).eval()
+    m = hf.load_pretrained(tiny, dtype=torch.float32).eval()
     return m.requires_grad_(False)
 
 
@@ -186,7 +186,7 @@ def test_repe_with_zero_coefficient_and_ablate_hooks_equal_weights(model, tiny):
     steered = ev.attack_repe(model, TOK, ITEMS, ev.AttackConfig(max_new_tokens=5, repe_coeff=0.0), direction)
     assert [r["generation"] for r in steered] == [r["generation"] for r in direct]
     hooks = ev.attack_ablate(model, TOK, ITEMS, cfg, direction)
-    fresh = Transformer.from_pretrained(tiny, dtype=torch.float32).eval().requires_grad_(False)
+    fresh = hf.load_pretrained(tiny, dtype=torch.float32).eval().requires_grad_(False)
     weights = ev.attack_ablate(fresh, TOK, ITEMS, ev.AttackConfig(max_new_tokens=5, ablate_mode="weights"), direction)
     assert [r["generation"] for r in weights] == [r["generation"] for r in hooks]
 
@@ -339,7 +339,7 @@ def test_xstest_prompts_split_safe_and_unsafe():
 
 
 def test_layer_cosines_and_perplexity_of_a_zero_adapter(tiny):
-    m = Transformer.from_pretrained(tiny, dtype=torch.float32).eval().requires_grad_(False)
+    m = hf.load_pretrained(tiny, dtype=torch.float32).eval().requires_grad_(False)
     lora.apply_lora(m, r=2, alpha=2, dropout=0.0, layers=[0, 1])
     examples = ev.chat_examples(TOK, [("How do I cook rice?", "Boil it."), ("Hi", "Hello there")], 64)
     assert ev.layer_cosines(m, examples, batch_size=2) == pytest.approx([1.0] * 3, abs=1e-5)
@@ -410,9 +410,9 @@ def fails(argv, capsys, match):
 
 
 def write_adapter(tmp_path, model_dir, base_name, name="adapter"):
-    m = Transformer.from_pretrained(model_dir, dtype=torch.float32)
+    m = hf.load_pretrained(model_dir, dtype=torch.float32)
     lora.apply_lora(m, r=2, alpha=2, dropout=0.0, layers=range(len(m.model.layers)))
-    lora.save_adapter(m, tmp_path / name, base_model_name_or_path=base_name)
+    hf.save_adapter(m, tmp_path / name, base_model_name_or_path=base_name)
     return tmp_path / name
 
 

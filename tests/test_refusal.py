@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the tiny random checkpoints")
 
+import hf  # noqa: E402
 import refusal  # noqa: E402
-from model import Transformer, save_pretrained  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOL = 1e-4
@@ -36,7 +36,7 @@ def ckpt(request, tmp_path_factory):
 
 
 def load(path):
-    return Transformer.from_pretrained(path, dtype=torch.float32).eval()
+    return hf.load_pretrained(path, dtype=torch.float32).eval()
 
 
 def random_prompts(n, seed=0, lo=5, hi=12):
@@ -65,8 +65,8 @@ def test_orthogonalized_weights_equal_runtime_ablation(ckpt, tmp_path):
     torch.testing.assert_close(baked, ablated, atol=TOL, rtol=0)
 
     # ... and the baked model survives export through save_pretrained and a fresh load
-    save_pretrained(tmp_path / "ortho", refusal.orthogonalize(load(ckpt), r).state_dict(),
-                    refusal.orthogonalize(load(ckpt), r).config)
+    hf.save_pretrained(tmp_path / "ortho", refusal.orthogonalize(load(ckpt), r).state_dict(),
+                       refusal.orthogonalize(load(ckpt), r).config)
     with torch.no_grad():
         reloaded, _ = load(tmp_path / "ortho")(tokens, mask)
     torch.testing.assert_close(reloaded, ablated, atol=TOL, rtol=0)

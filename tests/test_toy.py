@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 import data
+import hf
 import toy
-from model import Transformer
 from tokenizer import Tokenizer
 
 SEED = 0
@@ -41,7 +41,7 @@ def world(world_dir):
 
 @pytest.fixture(scope="module")
 def model(world_dir):
-    return Transformer.from_pretrained(world_dir / "model", dtype=torch.float32).eval()
+    return hf.load_pretrained(world_dir / "model", dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
