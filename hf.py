@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora import PARENT, TARGETS, apply_lora, lora_modules, merge_lora
@@ -76,10 +76,18 @@ def read_config(path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: missing (a Hugging Face model directory holds config.json)")
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def read_json(path: Path):
+    """A JSON file, with a bad byte or bad syntax reported as one ValueError naming the file."""
     try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def model_args(config: dict, source: str = "config.json") -> ModelArgs:
@@ -96,6 +104,15 @@ def model_args(config: dict, source: str = "config.json") -> ModelArgs:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in config:
             raise ValueError(f"{source}: missing field {key!r}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "num_key_value_heads", "head_dim", "sliding_window"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{source}: field {key!r} is {value!r}; expected a positive integer")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = config.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{source}: field {key!r} is {value!r}; expected a positive number")
     theta, scaling = _read_rope(config, source)
     eos = config.get("eos_token_id")
     n_heads = config["num_attention_heads"]
@@ -161,7 +178,7 @@ def load_pretrained(path, dtype=torch.bfloat16, device="cpu", n_layers=None, lm_
 
     state = {}
     for file, names in weight_files(path).items():
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 if _skipped(name, n, args.n_layers, lm_head):
                     continue
@@ -187,12 +204,16 @@ def weight_files(path) -> dict[Path, list[str]]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from None
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: not a safetensors index: expected a 'weight_map' object of "
+                             "tensor name -> shard file")
         files: dict[Path, list[str]] = {}
         for name, shard in weight_map.items():
+            # A shard is a file name in the model directory: never a path that leads elsewhere.
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                raise ValueError(f"{index}: tensor {name!r} maps to {shard!r}; expected a file name inside {path}")
             files.setdefault(path / shard, []).append(name)
         for file in files:
             if not file.is_file():
@@ -200,7 +221,7 @@ def weight_files(path) -> dict[Path, list[str]]:
         return files
     single = path / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt", device="cpu") as f:
+        with open_safetensors(single) as f:
             return {single: list(f.keys())}
     pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
     if pickled:
@@ -219,6 +240,23 @@ def _skipped(name: str, n_loaded: int, n_total: int, lm_head: bool) -> bool:
     return m is not None and n_loaded <= int(m.group(1)) < n_total
 
 
+@contextmanager
+def open_safetensors(file):
+    """safe_open on the CPU; a truncated or corrupt file is one ValueError naming it (safetensors checks
+    the header against the file's size when it opens it)."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_safetensors(file) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, on the CPU."""
+    with open_safetensors(file) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
 # -----------------------------------------------------------------------------
 # Writing directories and safetensors weights
 
@@ -235,20 +273,30 @@ def atomic_dir(out_dir):
     directory: a writer killed outright leaves at most its temporary behind."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in temporaries(out_dir):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; what it becomes is an ordinary directory
     try:
         yield tmp
-        # A directory cannot be renamed over a non-empty one: move the old one aside first.
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # A directory cannot be renamed over a non-empty one: move the old one aside first. A kill between
+    # the two renames leaves both complete directories as temporaries (train.py's resume looks there).
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def temporaries(out_dir) -> list[Path]:
+    """The directories atomic_dir(out_dir) writes into or moves aside: .{name}.<anything>."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.*") if p.is_dir())
 
 
 def save_pretrained(out_dir, state_dict: dict, config: dict, max_shard_size: int = 5 * 2**30,
@@ -310,6 +358,9 @@ def _shard(state_dict: dict, max_bytes: int) -> list[dict]:
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model's names
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# Our adapters record their base model's depth in the safetensors header (PEFT ignores it), so that an
+# adapter for a shallower model of the same width is refused, not silently applied to the first blocks.
+BASE_LAYERS_KEY = "base_model_n_layers"
 _ADAPTER_KEY = re.compile(re.escape(PEFT_PREFIX) + r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
 
 
@@ -373,7 +424,7 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
     }
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", BASE_LAYERS_KEY: str(model.args.n_layers)})
 
 
 def read_adapter_config(adapter_dir) -> dict:
@@ -384,10 +435,9 @@ def read_adapter_config(adapter_dir) -> dict:
     path = adapter_dir / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (a PEFT adapter directory holds {CONFIG_FILE})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
     for key in ("r", "lora_alpha", "target_modules"):
@@ -420,7 +470,11 @@ def check_adapter(adapter_dir, model_path):
                          f"{str(model_path)!r} (pass that base model's directory as --model-path)")
     weights = _adapter_weights(adapter_dir)
     out_in, r = projection_shapes(args), cfg["r"]
-    with safe_open(str(weights), framework="pt") as f:
+    with open_safetensors(weights) as f:
+        made_for = (f.metadata() or {}).get(BASE_LAYERS_KEY)
+        if made_for is not None and made_for != str(args.n_layers):
+            raise ValueError(f"{weights}: made for a base model of {made_for} layers, but {model_path} has "
+                             f"{args.n_layers} (an adapter for another base model?)")
         for name in f.keys():
             key = adapter_key(name)
             if key is None or key.target not in out_in:
@@ -459,8 +513,7 @@ def load_adapter(model, adapter_dir):
         raise ValueError(f"{adapter_dir / CONFIG_FILE}: LoRA on layer {max(layers)}, but the model has "
                          f"{n_blocks} blocks loaded (an adapter for a deeper model, or load more layers)")
 
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in read_safetensors(weights).items()}
     expected = _expected_adapter_shapes(model, cfg["r"], cfg["target_modules"], layers)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -519,7 +572,7 @@ def export_merged(base_path, adapter_or_model, out_dir, max_shard_size: int = 5 
               else _deltas_from_adapter(adapter_or_model))
     state = {}
     for file, names in weight_files(base_path).items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
@@ -552,12 +605,11 @@ def _deltas_from_adapter(adapter_dir) -> dict[str, torch.Tensor]:
     weights = _adapter_weights(adapter_dir)
     scale = cfg["lora_alpha"] / cfg["r"]
     pairs: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A": (r, in), "B": (out, r)}
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():
-            key = adapter_key(name)
-            if key is None:
-                raise ValueError(f"{weights}: unexpected tensor {name!r}")
-            pairs.setdefault(key.module, {})[key.part] = f.get_tensor(name).float()
+    for name, tensor in read_safetensors(weights).items():
+        key = adapter_key(name)
+        if key is None:
+            raise ValueError(f"{weights}: unexpected tensor {name!r}")
+        pairs.setdefault(key.module, {})[key.part] = tensor.float()
     deltas = {}
     for module, ab in pairs.items():
         A, B = ab.get("A"), ab.get("B")

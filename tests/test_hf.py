@@ -213,7 +213,8 @@ def test_peft_loads_our_adapter_with_equal_logits(base, tokens, tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["layers_to_transform"] == [0, 1, 2]
     assert sorted(cfg["target_modules"]) == sorted(lora.TARGETS)
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        # PEFT's "format": "pt", and the base model's depth, which PEFT ignores (it loads the file below)
+        assert f.metadata() == {"format": "pt", hf.BASE_LAYERS_KEY: str(model.args.n_layers)}
         keys = set(f.keys())
     assert len(keys) == 2 * 7 * 3
     assert "base_model.model.model.layers.2.mlp.down_proj.lora_B.weight" in keys
