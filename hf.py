@@ -472,9 +472,6 @@ def check_adapter(adapter_dir, model_path):
     out_in, r = projection_shapes(args), cfg["r"]
     with open_safetensors(weights) as f:
         made_for = (f.metadata() or {}).get(BASE_LAYERS_KEY)
-        if made_for is not None and made_for != str(args.n_layers):
-            raise ValueError(f"{weights}: made for a base model of {made_for} layers, but {model_path} has "
-                             f"{args.n_layers} (an adapter for another base model?)")
         for name in f.keys():
             key = adapter_key(name)
             if key is None or key.target not in out_in:
@@ -488,6 +485,9 @@ def check_adapter(adapter_dir, model_path):
             if found != want:
                 raise ValueError(f"{weights}: {name} has shape {list(found)}, but {model_path} needs "
                                  f"{list(want)} (an adapter for another base model?)")
+    if made_for is not None and made_for != str(args.n_layers):
+        raise ValueError(f"{weights}: made for a base model of {made_for} layers, but {model_path} has "
+                         f"{args.n_layers} (an adapter for another base model?)")
 
 
 def _adapter_weights(adapter_dir: Path) -> Path:
