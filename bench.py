@@ -7,36 +7,12 @@ Time circuit-breaker training steps: our fast path next to the official code's l
     python bench.py --shape llama3-8b --flops-only    # FLOPs of both modes on the same batches, no model built
     python bench.py --data-dir data --tokenizer checkpoints/Meta-Llama-3-8B-Instruct   # real lengths
 
-Switches: --bucket 0 (no length bucketing), --no-truncate (the official full passes: block 20 for the
-circuit-breaker set and the head), --grad-ckpt / --no-grad-ckpt, --compile, --dtype. Each run also times
-the reference in the same process, so an optimisation's share is its run's speed-up next to the default's.
-On a shared CPU, set OMP_WAIT_POLICY=PASSIVE: OpenMP threads that spin while another process holds a
-core made elementwise kernels ten times slower on our 2-core machine.
-
-One step is what train.py's loop does: the frozen reference pass and the LoRA pass over both sets, both
-losses, backward, gradient clipping and the AdamW step. Ours is train.py's own code: train.step_loss on a
-model built as train.load_model builds it (random weights of the chosen shape, only the blocks
-train.n_blocks_needed loads, LoRA applied the same way), on batches from train.train_batches. Random
-weights change nothing in the timing.
-
-The reference mode runs the official code's layout (GraySwanAI/circuit-breakers) on the same examples:
-  - circuit-breaker rows padded to 512 + 512 tokens (request left, response right), retain rows to 1024,
-    attention masks passed (data.batches with pad_to=OFFICIAL_LENGTHS); no bucketing;
-  - every pass through all loaded blocks (the rerouting loss reads hiddens[20], block 20 runs anyway)
-    and through HF's head: the final norm and fp32 logits over the whole vocabulary, never read;
-  - fp32 base weights under bf16 autocast on a GPU (on a CPU both modes run fp32 unless --dtype says);
-  - gradient checkpointing as ours (the official recipe has it on; on a CPU ours defaults to off, and so
-    does the reference here, so that the ratio does not count the recomputation against it).
-
-Both modes time the first --steps batches of the same seeded stream. data.batches draws an epoch's row
-order before it groups rows, so those batches hold the same rows however they are grouped, as long as
---steps is a multiple of --bucket (a bucket sorts rows by length within windows of that many batches).
-The speed-up is the reference's total time over ours: the same work, so also the ratio of tokens/s.
-
-The record (printed as JSON, and written to --out): median and mean step time, real (unpadded) tokens
-per second, peak memory (CUDA max allocated, or the peak resident set on a CPU), FLOPs per step and, on
-a GPU, model FLOPs utilisation against the device's bf16 peak; the projected time of the recipe's 150
-steps; the machine (CPU model, GPU, torch version, load average) and the date.
+Both modes run train.py's step (reference pass, LoRA pass, both losses, backward, clipping, AdamW) on random
+weights of the chosen shape. The reference runs it in the official code's layout (GraySwanAI/circuit-breakers):
+rows padded to 512 + 512 and 1024 with masks, no bucketing, every pass through all loaded blocks and the head,
+fp32 weights under bf16 autocast on a GPU. The record (JSON, printed and written to --out) holds step times,
+real tokens/s, peak memory, FLOPs, MFU and the speed-up; BENCHMARKS.md says how each is measured.
+On a shared CPU, set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads slow its kernels tenfold.
 """
 
 import argparse
@@ -53,7 +29,6 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,12 +37,11 @@ import data
 import hf
 import losses
 import train
-from lora import apply_lora, lora_disabled
 from model import ModelArgs, Transformer, projection_shapes
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
-# 1. Shapes. The real models' configurations, and small ones with the same proportions for a CPU.
+# 1. Shapes: the real models' configurations, and small ones with the same proportions for a CPU.
 
 SHAPES = {
     # meta-llama/Meta-Llama-3-8B-Instruct config.json
@@ -76,9 +50,7 @@ SHAPES = {
     # mistralai/Mistral-7B-Instruct-v0.2 config.json (v0.2 has no sliding window)
     "mistral-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
                             vocab_size=32000, rope_theta=1000000.0),
-    # Llama-3-8B at width 256: same depth (so target layers 10 and 20 and 21 loaded blocks), same GQA ratio
-    # (4 query heads per kv head), same F/D = 3.5; the vocabulary is cut so that the head costs what it does
-    # at 8B relative to 21 blocks (about 11%), which matters to the reference mode, the only one that runs it.
+    # Llama-3-8B's depth, GQA ratio and F/D at width 256; a vocabulary that keeps the head's share of the cost
     "small": ModelArgs(dim=256, n_layers=32, n_heads=4, n_kv_heads=1, head_dim=64, ffn_dim=896,
                        vocab_size=8192, rope_theta=500000.0),
     # For the smoke test: 6 blocks, target layers 2 and 4.
@@ -95,38 +67,15 @@ SHAPE_CONFIG = {
 
 def train_config(shape: str, **given) -> train.TrainConfig:
     """The TrainConfig train.py would resolve for this shape's preset, with the given fields changed."""
-    settings = dict(SHAPE_CONFIG[shape])
-    preset = settings["model"]
-    cfg = train.TrainConfig(**{**train.PRESETS[preset], **settings, **given})
-    return train.resolve(cfg)
+    settings = SHAPE_CONFIG[shape]
+    return train.resolve(train.TrainConfig(**{**train.PRESETS[settings["model"]], **settings, **given}))
 
 
 # -----------------------------------------------------------------------------
-# 2. Examples: the real files through data.py, or synthetic rows of realistic lengths.
-#
-# Synthetic lengths, in Llama-3 tokens, for when the official files are not at hand. Each part is drawn
-# from a log-normal (median, sigma) clipped to [low, high], then capped as build_training_sets caps it
-# (request 512, response 512, retain 1024). "Measured": counted with data.py's Llama-3 tokenizer and
-# template on the XSTest, HarmBench and refusal_direction files in ../shared. "Estimated": from the
-# datasets' descriptions; --data-dir replaces them all with the real files.
-#   - chat template around one request, BOS to assistant header: 10 tokens (measured, Llama-3 template);
-#   - harmful request: median 14 (measured: HarmBench behaviours 15.5 mean, refusal_direction harmful
-#     instructions 12.7); kept on half the rows for Llama-3 (with_request random), always for Mistral;
-#   - harmful response: median 300, sigma 0.45, so about 12% are cut at 512 (estimated: a few
-#     paragraphs of instructions per circuit_breakers_train.json record);
-#   - retain rows mixed as the official set (Llama-3: 10,000 UltraChat, 230 XSTest x 50, 2,000 refusals
-#     x 2; Mistral: no refusals):
-#       UltraChat, whole conversation (half the rows; all for Mistral, whose recipe always keeps the
-#         request): median 1100, sigma 0.5, so about 57% are cut at 1024 (estimated: UltraChat
-#         averages 3.9 turns and about 1,470 tokens of its tokenizer per dialogue, Llama-3's tokenizer
-#         is ~10% shorter, plus 5 template tokens per message);
-#       UltraChat, first reply after an empty user turn (Llama-3's other half): median 350, sigma 0.5
-#         (estimated: about 310 tokens per utterance, replies longer than questions);
-#       XSTest: request median 10, completion median 150, at most 256 (measured: completions average
-#         160 tokens, 10th-90th percentile 50-256, GPT-4 answers cut at 256);
-#       refusals: median 25 (estimated: Llama-3's one- or two-sentence refusals).
+# 2. Examples: the real files through train.py's loader, or synthetic rows of realistic lengths in Llama-3
+# tokens, each part a clipped log-normal (median, sigma, low, high). BENCHMARKS.md gives their sources.
 
-TEMPLATE = 10
+TEMPLATE = 10  # chat template around one request
 HARMFUL_REQUEST = (14, 0.35, 4, 100)
 HARMFUL_RESPONSE = (300, 0.45, 20, 4000)
 ULTRACHAT_WHOLE = (1100, 0.5, 60, 8000)
@@ -134,43 +83,38 @@ ULTRACHAT_REPLY = (350, 0.5, 10, 4000)
 XSTEST_REQUEST = (10, 0.2, 4, 20)
 XSTEST_COMPLETION = (150, 0.6, 10, 256)
 REFUSAL = (25, 0.3, 8, 80)
-RETAIN_MIX = {"ultrachat": 10_000, "xstest": 230 * 50, "refusal": 2_000 * 2}
-
-
-def draw(rng: random.Random, median: float, sigma: float, low: int, high: int) -> int:
-    return int(min(max(round(rng.lognormvariate(0.0, sigma) * median), low), high))
+RETAIN_MIX = {"ultrachat": 10_000, "xstest": 230 * 50, "refusal": 2_000 * 2}  # as the official retain set
 
 
 def synthetic_examples(cfg: train.TrainConfig, n: int, vocab_size: int, seed: int):
-    """n circuit-breaker and n retain examples (data.Example) with the lengths above and random ids."""
-    rng = random.Random(seed)
-    caps = data.OFFICIAL_LENGTHS
+    """n circuit-breaker and n retain examples (data.Example) of random ids, with the lengths above capped
+    as data.build_training_sets caps them."""
+    rng, caps = random.Random(seed), data.OFFICIAL_LENGTHS
 
-    def ids(k: int) -> list[int]:
-        return [rng.randrange(vocab_size) for _ in range(k)]
+    def draw(median: float, sigma: float, low: int, high: int) -> int:
+        return int(min(max(round(rng.lognormvariate(0.0, sigma) * median), low), high))
 
-    def keep_request() -> bool:
+    def keep_request() -> bool:  # on every row for Mistral, on half of them for Llama-3
         return cfg.with_request == "always" or rng.random() < 0.5
 
     def turn(request: tuple, response: tuple) -> tuple[int, int]:
-        return TEMPLATE + (draw(rng, *request) if keep_request() else 0), draw(rng, *response)
+        return TEMPLATE + (draw(*request) if keep_request() else 0), draw(*response)
+
+    def example(n_prompt: int, n_reply: int, cap: int) -> data.Example:
+        n = min(n_prompt + n_reply, cap)
+        return data.Example([rng.randrange(vocab_size) for _ in range(n)], min(n_prompt, n), [1] * n)
 
     def cb_example() -> data.Example:
         n_prompt, n_reply = turn(HARMFUL_REQUEST, HARMFUL_RESPONSE)
-        n_prompt, n_reply = min(n_prompt, caps.request), min(n_reply, caps.response)
-        return data.Example(ids(n_prompt + n_reply), n_prompt, [1] * (n_prompt + n_reply))
+        return example(min(n_prompt, caps.request), min(n_reply, caps.response), caps.request + caps.response)
 
     def retain_example(kind: str) -> data.Example:
         if kind == "ultrachat" and keep_request():
-            n_prompt, n_reply = draw(rng, *ULTRACHAT_WHOLE), 0  # the whole conversation is the "prompt"
-        elif kind == "ultrachat":
-            n_prompt, n_reply = TEMPLATE, draw(rng, *ULTRACHAT_REPLY)
-        elif kind == "xstest":
-            n_prompt, n_reply = turn(XSTEST_REQUEST, XSTEST_COMPLETION)
-        else:
-            n_prompt, n_reply = turn(HARMFUL_REQUEST, REFUSAL)
-        n = min(n_prompt + n_reply, caps.retain)
-        return data.Example(ids(n), min(n_prompt, n), [1] * n)
+            return example(draw(*ULTRACHAT_WHOLE), 0, caps.retain)  # the whole conversation is the "prompt"
+        if kind == "ultrachat":
+            return example(TEMPLATE, draw(*ULTRACHAT_REPLY), caps.retain)
+        request, response = (XSTEST_REQUEST, XSTEST_COMPLETION) if kind == "xstest" else (HARMFUL_REQUEST, REFUSAL)
+        return example(*turn(request, response), caps.retain)
 
     mix = {k: v for k, v in RETAIN_MIX.items() if k != "refusal" or cfg.refusal_retain}
     kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
@@ -186,10 +130,10 @@ def real_examples(cfg: train.TrainConfig, tokenizer_path: str):
 
 
 # -----------------------------------------------------------------------------
-# 3. The two modes
+# 3. The two modes: both run train.py's step; the reference with the official passes and padding.
 
 
-@dataclass
+@dataclasses.dataclass
 class Mode:
     name: str
     cfg: train.TrainConfig
@@ -220,55 +164,30 @@ def mode_batches(mode: Mode, cb, retain, pad_id: int, steps: int, vocab_size: in
                        b.cb_loss_mask) for b in itertools.islice(stream, steps)]
 
 
-def build_model(cfg: train.TrainConfig, args: ModelArgs, head: bool) -> Transformer:
+class OfficialPasses(Transformer):
+    """The forward the official code calls (HF's, with output_hidden_states): every loaded block whatever
+    last_layer asks, then the final norm and the logits over the vocabulary, cast to fp32 and never read."""
+
+    def forward(self, tokens=None, attention_mask=None, *, input_embeds=None, last_layer=None):
+        logits, hiddens = super().forward(tokens, attention_mask, input_embeds=input_embeds)
+        logits.float()
+        return logits, hiddens
+
+
+def build_model(cfg: train.TrainConfig, args: ModelArgs, official: bool) -> Transformer:
     """train.load_model with random weights: the same blocks, dtype, LoRA, checkpointing and compile."""
     torch.manual_seed(0)
     with torch.device(cfg.device):
-        model = Transformer(args, n_layers=train.n_blocks_needed(cfg), lm_head=head)
-    model.to(hf.pick_dtype(cfg.dtype, cfg.device))
-    torch.manual_seed(cfg.seed)
-    apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-               layers=cfg.lora_layers)
-    model.gradient_checkpointing = cfg.grad_ckpt
-    if cfg.compile:
-        for block in model.model.layers:
-            block.compile(dynamic=True)
-    return model
+        model = (OfficialPasses if official else Transformer)(args, train.n_blocks_needed(cfg), lm_head=official)
+    return train.prepare_model(model.to(hf.pick_dtype(cfg.dtype, cfg.device)), cfg)
 
 
-def official_step_loss(model, batch, step: int, cfg: train.TrainConfig, rerouting):
-    """train.step_loss as the official code computes it: the same losses, from full forward passes."""
-    cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
-    with torch.no_grad(), lora_disabled(model):
-        cb_orig = official_forward(model, batch.cb_tokens, batch.cb_mask)
-        retain_orig = official_forward(model, batch.retain_tokens, batch.retain_mask)
-    cb_new = official_forward(model, batch.cb_tokens, batch.cb_mask)
-    retain_new = official_forward(model, batch.retain_tokens, batch.retain_mask)
-
-    at_targets = lambda states: [states[l] for l in cfg.target_layers]  # noqa: E731
-    cb_loss = rerouting(at_targets(cb_new), at_targets(cb_orig), batch.cb_loss_mask)
-    retain_loss = losses.retain_loss_official(losses.official_retain_states(retain_new, model.model.norm),
-                                              losses.official_retain_states(retain_orig, model.model.norm),
-                                              batch.retain_mask, pad_to=data.OFFICIAL_LENGTHS.retain)
-    loss = cb_coeff * cb_loss + retain_coeff * retain_loss
-    return loss, dict(loss=loss.item(), cb_loss=cb_loss.item(), retain_loss=retain_loss.item())
-
-
-def official_forward(model, tokens, mask):
-    """HF's LlamaForCausalLM forward with output_hidden_states, as the official code calls it: every loaded
-    block, then the final norm and the logits over the vocabulary, cast to fp32 and thrown away. The mask
-    is dropped for right-padded rows, as train.py does (and HF's SDPA path, for rows without padding)."""
-    logits, hiddens = model(tokens, None if train.right_padded(mask) else mask)
-    logits.float()
-    return hiddens
-
-
-def train_step(model, batch, step, cfg, step_loss, params, optimizer, autocast):
+def train_step(model, batch, step, cfg, params, optimizer, autocast):
     """One iteration of train.py's loop, without its logging."""
     batch = batch.to(cfg.device)
     model.train()
     with autocast:
-        loss, _ = step_loss(model, batch, step, cfg, losses.rerouting_loss)  # the paper's term
+        loss, _ = train.step_loss(model, batch, step, cfg, losses.rerouting_loss)  # the paper's term
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     optimizer.step()
@@ -276,37 +195,13 @@ def train_step(model, batch, step, cfg, step_loss, params, optimizer, autocast):
 
 
 # -----------------------------------------------------------------------------
-# 4. FLOPs of one step, from the shapes the passes run (2 FLOPs per multiply-add; norms, RoPE, softmax,
-# dropout and the losses are left out: well under 1% at 8B).
-#
-#   per token and block:  linear    = 2 D (H E + 2 K E) + 2 H E D + 3 * 2 D F
-#                         lora      = sum over wrapped projections of 2 r (in + out)   (LoRA on only)
-#   per row of T tokens and block:  attention = 2 H E T (T + 1)   (QK^T and AV, each query over the
-#                                                                   T(T+1)/2 causal pairs)
-#   per token, head:      2 D V     (official passes only; forward only, its logits never reach a loss)
-#   step = reference forward (LoRA off) + LoRA forward, for each set
-#        + backward of the LoRA forward: 1x linear (the base weights are frozen, so only the input
-#          gradient is computed, not the weight gradient), 2x lora and attention (both operands)
-#        + one more LoRA forward where checkpointing recomputes each block during backward.
-# Blocks run forward: the cb set max(target_layers) ours, all loaded blocks officially; the retain set all
-# loaded blocks. Backward (and recomputation) reaches max(target_layers) blocks for the cb set and all for
-# retain, in both modes: the official cb pass's last block feeds no loss.
-# Two approximations, checked against torch's FLOP counter in tests/test_bench.py: block 0's q/k/v
-# projections need no input gradient (their input, the embeddings, is frozen), and checkpointing stops
-# recomputing a block once the tensors backward needs are back (its last matmul is not redone).
-# "flops" counts the rows as padded (what the hardware ran); "useful flops" counts our passes on the real
-# tokens without recomputation, the same work for both modes.
-
-
-def step_flops(args: ModelArgs, cfg: train.TrainConfig, cb_lengths, retain_lengths, *, official: bool,
-               recompute: bool) -> float:
-    """FLOPs of one step whose rows have these lengths (padded or real)."""
-    return sum(flop_parts(args, cfg, cb_lengths, retain_lengths, official=official, recompute=recompute).values())
+# 4. FLOPs of one step from the shapes the passes run: matmuls and attention, 2 per multiply-add (the rest
+# is under 1% at 8B). BENCHMARKS.md derives each term; tests/test_bench.py checks them against torch's count.
 
 
 def flop_parts(args: ModelArgs, cfg: train.TrainConfig, cb_lengths, retain_lengths, *, official: bool,
                recompute: bool) -> dict[str, float]:
-    """The same, split into linear, lora, attention and head FLOPs."""
+    """FLOPs of one step whose rows have these lengths (padded or real): linear, lora, attention, head."""
     sizes = projection_shapes(args)  # (out, in) of each projection
     linear_per_token = sum(2 * o * i for o, i in sizes.values())
     lora_per_token = sum(2 * cfg.lora_r * sum(sizes[t]) for t in cfg.lora_targets)
@@ -336,108 +231,82 @@ def batch_lengths(batch: data.Batch, padded: bool) -> tuple[list[int], list[int]
     return batch.cb_mask.sum(1).tolist(), batch.retain_mask.sum(1).tolist()
 
 
+def total_flops(args: ModelArgs, mode: Mode, batches: list[data.Batch], useful: bool = False) -> float:
+    """FLOPs of these steps as run (rows as padded); useful=True: the work both modes share, our passes
+    over the real tokens without recomputation."""
+    official, recompute = mode.official_passes and not useful, mode.cfg.grad_ckpt and not useful
+    return sum(sum(flop_parts(args, mode.cfg, *batch_lengths(b, padded=not useful), official=official,
+                              recompute=recompute).values()) for b in batches)
+
+
 # -----------------------------------------------------------------------------
-# 5. The machine: peak FLOP/s, memory, names
+# 5. The machine: names, peak FLOP/s, peak memory
 
-
-# Dense bf16 tensor-core peaks in TFLOP/s, from the vendor's data sheets; the first name found in the
-# device's name wins (so "H100 PCIe" before "H100", "A100" before "A10", "L40S" before "L4").
+# Dense bf16 peaks in TFLOP/s (data sheets); the first key in the device's name wins, so longer keys first.
 PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
                     ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10", 125.0), ("L4", 121.0)]
 
 
+def proc_field(path: str, key: str) -> str | None:
+    """The value of the first "key: value" line of a /proc file; None where there is none (not Linux)."""
+    with contextlib.suppress(OSError):
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
+                     if line.startswith(key)), None)
+    return None
+
+
 def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
-    return cpu_model()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def peak_tflops(device: str, given: float | None) -> float | None:
-    if given is not None or not device.startswith("cuda"):
-        return given
-    name = device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+    if not device.startswith("cuda"):
+        return proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "no CUDA device"
 
 
 def reset_peak_memory(device: str):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        # glibc keeps freed memory for reuse, so the resident set remembers earlier, larger steps (or the
-        # other mode's): hand free memory back first, then restart the peak (Linux: "5" resets VmHWM).
+    # glibc keeps freed memory, so the resident set remembers earlier steps: hand it back, then reset VmHWM.
+    with contextlib.suppress(OSError, AttributeError):  # not Linux with glibc: the peak covers the process
         ctypes.CDLL(None).malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-    except (OSError, AttributeError):
-        pass  # not Linux with glibc: the peak then covers the whole process
 
 
 def peak_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 2**10 / 2**30  # kB
-    except OSError:
-        pass
-    return train.peak_memory_mb("cpu") / 2**10
-
-
-def synchronize(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: str):
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    hwm = proc_field("/proc/self/status", "VmHWM")  # "1234 kB"
+    return int(hwm.split()[0]) / 2**20 if hwm else train.peak_memory_mb("cpu") / 2**10
 
 
 # -----------------------------------------------------------------------------
 # 6. Timing
-#
-# On a GPU the modes run one after the other, each alone in memory. On a shared CPU the load of other
-# processes drifts by more than the effect being measured, so there the modes take turns step by step
-# (--interleave): the same drift then falls on both. Both models are resident then, so each mode's peak
-# includes the other model's weights (a few MB at the small shape; on a GPU, use the default).
 
 
 class Runner:
-    """One mode's model, optimizer, batches and measurements."""
+    """One mode's model, optimizer and batches, and what was measured on them."""
 
     def __init__(self, mode: Mode, args: ModelArgs, batches: list[data.Batch]):
         self.mode, self.args, self.batches, cfg = mode, args, batches, mode.cfg
-        self.model = build_model(cfg, args, head=mode.official_passes)
+        self.model = build_model(cfg, args, official=mode.official_passes)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step_loss = official_step_loss if mode.official_passes else train.step_loss
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode.autocast)
         self.times, self.peaks, self.warmup_s = [], [], 0.0
 
     def step(self, i: int, batch: data.Batch) -> float:
-        """Run step i on a batch; its wall time."""
-        synchronize(self.mode.cfg.device)
+        """Run step i on a batch; its wall time (on a GPU, of the kernels, not of their launch)."""
+        cuda = self.mode.cfg.device.startswith("cuda")
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(self.model, batch, i, self.mode.cfg, self.step_loss, self.params, self.optimizer, self.autocast)
-        synchronize(self.mode.cfg.device)
+        train_step(self.model, batch, i, self.mode.cfg, self.params, self.optimizer, self.autocast)
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def warm_up(self, n: int):
-        """Untimed steps on the batches with the most padded tokens, which set the peak memory: measured
-        here, since on a CPU the resident set of later steps still holds what the largest one took.
-        Compilation, the allocator and caches settle too."""
+        """Untimed steps on the batches with the most padded tokens, which set the peak memory (a CPU's
+        resident set keeps it for later steps); compilation, allocator and caches settle too."""
         device = self.mode.cfg.device
         largest = sorted(self.batches, key=lambda b: b.cb_tokens.numel() + b.retain_tokens.numel(), reverse=True)
         for i in range(n):
@@ -445,29 +314,16 @@ class Runner:
             self.warmup_s += self.step(i + 1, largest[i % len(largest)])
             self.peaks.append(peak_memory_gib(device))
 
-    def timed(self, i: int, log):
-        self.times.append(self.step(i + 1, self.batches[i]))
-        log(f"{self.mode.name}: step {i + 1}/{len(self.batches)} {self.times[-1]:.2f} s")
-
-    def free(self):
-        del self.model, self.params, self.optimizer
-        free_memory(self.mode.cfg.device)
-
     def report(self, peak: float | None, loadavg: list[float]) -> dict:
         mode, cfg, times, batches = self.mode, self.mode.cfg, self.times, self.batches
         total, mean = sum(times), sum(times) / len(times)
         real = sum(int(b.cb_mask.sum() + b.retain_mask.sum()) for b in batches)
-        flops = sum(step_flops(self.args, cfg, *batch_lengths(b, padded=True), official=mode.official_passes,
-                               recompute=cfg.grad_ckpt) for b in batches)
-        useful = sum(step_flops(self.args, cfg, *batch_lengths(b, padded=False), official=False, recompute=False)
-                     for b in batches)
+        flops, useful = total_flops(self.args, mode, batches), total_flops(self.args, mode, batches, useful=True)
         return {
             "settings": dict(dtype=cfg.dtype, autocast_bf16=mode.autocast, grad_ckpt=cfg.grad_ckpt,
                              truncate=not mode.official_passes, bucket=cfg.bucket, compile=cfg.compile,
                              padding="official 512+512 / 1024" if mode.official_padding else "longest row"),
-            "step_s_median": statistics.median(times),
-            "step_s_mean": mean,
-            "step_s": [round(t, 3) for t in times],
+            "step_s_median": statistics.median(times), "step_s_mean": mean, "step_s": [round(t, 3) for t in times],
             "warmup_s": self.warmup_s,
             "tokens_real": real,
             "tokens_padded": sum(b.cb_mask.numel() + b.retain_mask.numel() for b in batches),
@@ -485,39 +341,33 @@ class Runner:
 
 def time_modes(modes_: list[Mode], args: ModelArgs, batches: dict[str, list], warmup: int, interleave: bool,
                peak: float | None, log) -> dict:
-    """{mode name: its report}; a mode that runs out of GPU memory reports that instead."""
+    """{mode name: its report, or the GPU's out-of-memory error}. Interleaved, the modes take turns step by
+    step, so that the drifting load of other processes on a shared CPU falls on both; otherwise each runs
+    alone in memory."""
     reports = {}
-    if interleave:
-        runners = [Runner(m, args, batches[m.name]) for m in modes_]
-        load = [os.getloadavg()[0]]
-        for r in runners:
-            r.warm_up(warmup)
-        for i in range(len(runners[0].batches)):
-            for r in runners:
-                r.timed(i, log)
-        load.append(os.getloadavg()[0])
-        for r in runners:
-            r.free()
-            reports[r.mode.name] = r.report(peak, load)
-        return reports
-    for m in modes_:
+    for group in [modes_] if interleave else [[m] for m in modes_]:
         try:
-            reports[m.name] = time_alone(m, args, batches[m.name], warmup, peak, log)
+            reports.update(time_group(group, args, batches, warmup, peak, log))
         except torch.cuda.OutOfMemoryError:
-            reports[m.name] = {"error": "CUDA out of memory"}
-        free_memory(m.cfg.device)
+            reports.update({m.name: {"error": "CUDA out of memory"} for m in group})
+        gc.collect()  # this group's models go before the next group's are built
+        if group[0].cfg.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return reports
 
 
-def time_alone(mode: Mode, args: ModelArgs, batches: list, warmup: int, peak: float | None, log) -> dict:
-    r = Runner(mode, args, batches)
+def time_group(group: list[Mode], args: ModelArgs, batches: dict[str, list], warmup: int, peak: float | None,
+               log) -> dict:
+    runners = [Runner(m, args, batches[m.name]) for m in group]
     load = [os.getloadavg()[0]]
-    r.warm_up(warmup)
-    for i in range(len(batches)):
-        r.timed(i, log)
+    for r in runners:
+        r.warm_up(warmup)
+    for i in range(len(runners[0].batches)):
+        for r in runners:
+            r.times.append(r.step(i + 1, r.batches[i]))
+            log(f"{r.mode.name}: step {i + 1}/{len(r.batches)} {r.times[-1]:.2f} s")
     load.append(os.getloadavg()[0])
-    r.free()
-    return r.report(peak, load)
+    return {r.mode.name: r.report(peak, load) for r in runners}
 
 
 # -----------------------------------------------------------------------------
@@ -525,44 +375,61 @@ def time_alone(mode: Mode, args: ModelArgs, batches: list, warmup: int, peak: fl
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=list(SHAPES), default="small", help="model shape (default: small)")
-    p.add_argument("--device", default=train.TrainConfig.device, help="cuda or cpu (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, help="examples of each set per step (default: 16 for the 7-8B "
-                                                  "shapes, 4 small, 2 tiny)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per mode, a multiple of --bucket "
-                                                        "(default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first, per mode (default: %(default)s)")
-    p.add_argument("--data-dir", help="the official files (as train.py --data-dir); default: synthetic lengths")
-    p.add_argument("--tokenizer", help="model directory or tokenizer.model, with --data-dir")
-    p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
-                   help="our base weights (default: auto, bf16 on CUDA, fp32 on CPU, as train.py)")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
-                   help="gradient checkpointing, both modes (default: on for CUDA, as train.py)")
-    p.add_argument("--truncate", action=argparse.BooleanOptionalAction, default=True,
-                   help="cb passes stop at the deepest target layer and no head runs (default: on); "
-                        "--no-truncate runs the official full passes with everything else ours")
-    p.add_argument("--bucket", type=int, default=train.TrainConfig.bucket,
-                   help="length-bucketing window in batches, 0: off (default: %(default)s, as train.py)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile each block (default: off, as train.py)")
-    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the official layout and report the speed-up (default: on)")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                   help="the modes take turns step by step (default: on for CPU, off for CUDA)")
-    p.add_argument("--flops-only", action="store_true", help="count each mode's FLOPs on the batches and stop: "
-                                                             "no model is built, no step is timed")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--peak-tflops", type=float, help="the device's bf16 peak, for MFU (default: from its name)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", help="also write the JSON record to this file")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    add, on_off = p.add_argument, argparse.BooleanOptionalAction
+    add("--shape", choices=list(SHAPES), default="small", help="model shape (default: small)")
+    add("--device", default=train.TrainConfig.device, help="cuda or cpu (default: %(default)s)")
+    add("--batch-size", type=int, help="examples of each set per step (default: 16 for 7-8B, 4 small, 2 tiny)")
+    add("--steps", type=int, default=8, help="timed steps per mode, a multiple of --bucket (default: %(default)s)")
+    add("--warmup", type=int, default=1, help="untimed steps first, per mode (default: %(default)s)")
+    add("--data-dir", help="the official files (as train.py --data-dir); default: synthetic lengths")
+    add("--tokenizer", help="model directory or tokenizer.model, with --data-dir")
+    add("--dtype", default="auto", choices=train.TrainConfig.__dataclass_fields__["dtype"].metadata["choices"],
+        help="our base weights (default: auto, bf16 on CUDA, fp32 on CPU, as train.py)")
+    add("--grad-ckpt", action=on_off, help="gradient checkpointing, both modes (default: on for CUDA)")
+    add("--truncate", action=on_off, default=True, help="cb passes stop at the deepest target layer and no "
+        "head runs (default: on); --no-truncate runs the official full passes with everything else ours")
+    add("--bucket", type=int, default=train.TrainConfig.bucket,
+        help="length-bucketing window in batches, 0: off (default: %(default)s, as train.py)")
+    add("--compile", action=on_off, default=False, help="torch.compile each block (default: off, as train.py)")
+    add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
+    add("--interleave", action=on_off, help="the modes take turns step by step (default: on for CPU)")
+    add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
+    add("--threads", type=int, help="torch CPU threads (default: torch's)")
+    add("--peak-tflops", type=float, help="the device's bf16 peak, for MFU (default: from its name)")
+    add("--seed", type=int, default=42)
+    add("--out", help="also write the JSON record to this file")
     return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
+    """The TrainConfig of our mode, after checking the arguments."""
+    if a.steps < 1 or a.warmup < 1:
+        raise ValueError(f"--steps {a.steps} / --warmup {a.warmup}: need at least one of each (the warm-up "
+                         "step measures peak memory)")
+    if a.data_dir and not a.tokenizer:
+        raise ValueError("--data-dir needs --tokenizer (the model directory or its tokenizer.model)")
+    if a.device.startswith("cuda") and not a.flops_only and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}, but torch sees no CUDA device (--flops-only needs none)")
+    if a.out and Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out}: a directory; give a file name")
+    if a.out and (blocker := next((p for p in Path(a.out).parents if p.is_file()), None)):
+        raise ValueError(f"--out {a.out}: {blocker} is a file, not a directory")
+    cfg = train_config(a.shape, device=a.device, dtype=a.dtype, grad_ckpt=a.grad_ckpt, bucket=a.bucket,
+                       compile=a.compile, seed=a.seed, **({"batch_size": a.batch_size} if a.batch_size else {}),
+                       **({"data_dir": a.data_dir} if a.data_dir else {}))
+    if cfg.bucket and a.steps % cfg.bucket:
+        raise ValueError(f"--steps {a.steps} is not a multiple of --bucket {cfg.bucket}: both modes must time "
+                         f"whole bucket windows to see the same examples")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return cfg
 
 
 def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) -> dict:
     """Run what the arguments ask for; the record."""
-    cfg = config_from_args(a)
-    args = SHAPES[a.shape]
+    cfg, args = config_from_args(a), SHAPES[a.shape]
     if a.data_dir:
         cb, retain, pad_id = real_examples(cfg, a.tokenizer)
     else:
@@ -574,10 +441,12 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
     if len(set(real.values())) > 1:
         raise ValueError(f"the modes would time different examples ({real} real tokens)")
 
-    peak = peak_tflops(cfg.device, a.peak_tflops)
+    peak = a.peak_tflops
+    if peak is None and cfg.device.startswith("cuda"):
+        peak = next((tf for key, tf in PEAK_BF16_TFLOPS if key in device_name(cfg.device)), None)
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": dict(device=device_name(cfg.device), cpu=cpu_model(), threads=torch.get_num_threads(),
+        "machine": dict(device=device_name(cfg.device), cpu=device_name("cpu"), threads=torch.get_num_threads(),
                         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), torch=torch.__version__,
                         python=platform.python_version()),
         "shape": a.shape, "blocks_loaded": train.n_blocks_needed(cfg), "target_layers": list(cfg.target_layers),
@@ -586,10 +455,8 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
         "peak_bf16_tflops": peak,
     }
     if a.flops_only:
-        for m in modes_:
-            record[m.name] = {"tflops_per_step": sum(
-                step_flops(args, m.cfg, *batch_lengths(b, padded=True), official=m.official_passes,
-                           recompute=m.cfg.grad_ckpt) for b in batches[m.name]) / a.steps / 1e12}
+        record.update({m.name: {"tflops_per_step": total_flops(args, m, batches[m.name]) / a.steps / 1e12}
+                       for m in modes_})
     else:
         interleave = a.interleave if a.interleave is not None else not cfg.device.startswith("cuda")
         record["interleaved"] = interleave
@@ -605,27 +472,6 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
     return record
 
 
-def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
-    """The TrainConfig of our mode, after checking the arguments."""
-    if a.steps < 1 or a.warmup < 1:
-        raise ValueError(f"--steps {a.steps} / --warmup {a.warmup}: need at least one of each (the warm-up "
-                         "step measures peak memory)")
-    if a.data_dir and not a.tokenizer:
-        raise ValueError("--data-dir needs --tokenizer (the model directory or its tokenizer.model)")
-    if a.device.startswith("cuda") and not a.flops_only and not torch.cuda.is_available():
-        raise ValueError(f"--device {a.device}, but torch sees no CUDA device (--flops-only needs none)")
-    given = dict(device=a.device, dtype=a.dtype, grad_ckpt=a.grad_ckpt, bucket=a.bucket, compile=a.compile,
-                 seed=a.seed, **({"batch_size": a.batch_size} if a.batch_size else {}),
-                 **({"data_dir": a.data_dir} if a.data_dir else {}))
-    cfg = train_config(a.shape, **given)
-    if cfg.bucket and a.steps % cfg.bucket:
-        raise ValueError(f"--steps {a.steps} is not a multiple of --bucket {cfg.bucket}: both modes must time "
-                         f"whole bucket windows to see the same examples")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    return cfg
-
-
 def length_summary(batches: list[data.Batch]) -> dict:
     """Real row lengths of the timed examples: the distribution the numbers hold for."""
     cb = [n for b in batches for n in b.cb_mask.sum(1).tolist()]
@@ -635,18 +481,27 @@ def length_summary(batches: list[data.Batch]) -> dict:
                 retain_max=max(retain), retain_share_at_cap=sum(n >= cap for n in retain) / len(retain))
 
 
+def write_atomic(path: Path, text: str):
+    """A temporary file beside path, renamed over it: the old file stays whole until the new one is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     try:
         record = {"command": " ".join(["python bench.py", *argv]), **bench(a)}
+        print(json.dumps(record, indent=2))
+        if a.out:
+            write_atomic(Path(a.out), json.dumps(record, indent=2) + "\n")
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    text = json.dumps(record, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+        sys.exit(f"bench.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -158,6 +158,11 @@ def check_model_dir(cfg: TrainConfig):
 def load_model(cfg: TrainConfig) -> Transformer:
     model = hf.load_model(cfg.model_path, dtype=hf.pick_dtype(cfg.dtype, cfg.device), device=cfg.device,
                           n_layers=n_blocks_needed(cfg), lm_head=False)  # training never reads logits
+    return prepare_model(model, cfg)
+
+
+def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """The base model as training runs it: LoRA, gradient checkpointing, compiled blocks."""
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                layers=cfg.lora_layers)

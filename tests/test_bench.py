@@ -16,13 +16,17 @@ import data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_smoke_prints_and_writes_its_record(tmp_path):
-    out = tmp_path / "record.json"
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """bench.py on the tiny shape and a CPU, as a user runs it."""
     # Passive OpenMP waiting: on a shared CPU, spinning threads slow elementwise kernels tenfold.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    done = subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--steps", "2", "--bucket", "2",
-                           "--device", "cpu", "--out", str(out)],
+    return subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--device", "cpu", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_smoke_prints_and_writes_its_record(tmp_path):
+    out = tmp_path / "record.json"
+    done = run_bench("--steps", "2", "--bucket", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert json.loads(out.read_text()) == record
@@ -38,11 +42,31 @@ def test_smoke_prints_and_writes_its_record(tmp_path):
     assert record["reference"]["settings"]["padding"].startswith("official")
 
 
-def test_steps_must_cover_whole_bucket_windows(capsys):
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--shape", "tiny", "--steps", "3", "--bucket", "2", "--device", "cpu"])
-    assert e.value.code == "error: --steps 3 is not a multiple of --bucket 2: both modes must time whole " \
-                           "bucket windows to see the same examples"
+def test_steps_must_cover_whole_bucket_windows():
+    done = run_bench("--steps", "3", "--bucket", "2")
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr == "bench.py: error: --steps 3 is not a multiple of --bucket 2: both modes must time " \
+                          "whole bucket windows to see the same examples\n"
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_unwritable_out_is_refused_before_anything_runs(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    out = tmp_path if where == "directory" else tmp_path / "file" / "record.json"
+    done = run_bench("--steps", "2", "--bucket", "2", "--flops-only", "--out", str(out))
+    assert done.returncode != 0 and done.stdout == ""  # no record: it stopped before counting anything
+    assert done.stderr.startswith(f"bench.py: error: --out {out}: ") and "Traceback" not in done.stderr
+
+
+def test_out_is_replaced_whole_and_survives_a_failed_run(tmp_path):
+    out = tmp_path / "record.json"
+    out.write_text("earlier record\n")
+    assert run_bench("--steps", "3", "--bucket", "2", "--out", str(out)).returncode != 0
+    assert out.read_text() == "earlier record\n"
+    done = run_bench("--steps", "2", "--bucket", "2", "--flops-only", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == json.loads(done.stdout)
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temporary file left beside it
 
 
 @pytest.mark.parametrize("official,ckpt", [(False, False), (True, True)])
