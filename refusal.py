@@ -58,10 +58,8 @@ D model width, V vocabulary.
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +68,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cli
 import hf
 from data import load_instructions, pad
 from tokenizer import Tokenizer, template_tail
@@ -294,6 +293,15 @@ class Selection:
     baseline_harmful: float  # mean refusal score without intervention
     baseline_harmless: float
 
+    def chosen_layers(self) -> torch.Tensor:
+        """(L+1, D) float32: the raw difference in means at the chosen position, every hidden state."""
+        return self.candidates[self.position + self.candidates.shape[0]].float()
+
+    def refusal_direction(self) -> "RefusalDirection":
+        """The choice in the form the attacks and losses read (as a direction file holds it)."""
+        return RefusalDirection(direction=self.direction, layers=self.chosen_layers(), layer=self.layer,
+                                position=self.position)
+
 
 def choose_candidate(refusal, steering, kl, n_layers: int, kl_threshold: float = 0.1,
                      induce_refusal_threshold: float = 0.0, prune_layer_fraction: float = 0.2) -> tuple[int, int]:
@@ -367,10 +375,8 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: list[list[int
 
 
 def save_direction(path, selection: Selection, model_path: str, extra_metadata: dict | None = None):
-    """Write the direction file atomically (a temporary file in the same directory, then a rename)."""
-    path = Path(path)
-    P = selection.candidates.shape[0]
-    chosen = selection.candidates[selection.position + P]  # (L+1, D)
+    """Write the direction file whole or not at all (cli.atomic_file)."""
+    chosen = selection.chosen_layers()  # (L+1, D)
     tensors = {"direction": selection.direction.float(),
                "candidates": selection.candidates.float(),
                "refusal_score": selection.refusal_score.float(),
@@ -379,15 +385,8 @@ def save_direction(path, selection: Selection, model_path: str, extra_metadata: 
     tensors.update({f"layer.{l}": chosen[l].float() for l in range(chosen.shape[0])})
     metadata = {"format": "pt", "layer": str(selection.layer), "position": str(selection.position),
                 "model": str(model_path), **(extra_metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with cli.atomic_file(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @dataclass
@@ -478,9 +477,8 @@ def target_directions(path, layers: list[int], dim: int, n_layers: int | None = 
     return torch.stack(out)  # (L, D)
 
 
-
 # -----------------------------------------------------------------------------
-# Command line
+# From instruction files to a direction
 
 
 def instructions_from(path) -> list[str]:
@@ -514,8 +512,53 @@ def filter_by_refusal(model, prompts, texts, refusal_ids, refuse: bool, batch_si
     return [prompts[i] for i in keep], [texts[i] for i in keep]
 
 
+def find_direction(model, model_path, harmful, harmless, *, harmful_val=None, harmless_val=None,
+                   n_train: int = 128, n_val: int = 32, refusal_texts: list[str] | None = None,
+                   filter_refusals: bool = True, kl_threshold: float = 0.1, induce_refusal_threshold: float = 0.0,
+                   prune_layer_fraction: float = 0.2, batch_size: int = 32, seed: int = 42, log=print) -> Selection:
+    """Steps 1 and 3 from instruction files: sample, tokenize, filter, take means, select.
+
+    harmful / harmless (and their _val files, held out of the training files when absent) are
+    [{"instruction", "category"}] JSON files; refusal_texts default to default_refusal_texts(model_path);
+    filter_refusals keeps only the harmful instructions the model refuses and the harmless ones it
+    answers; the thresholds are select_direction's."""
+    tokenizer = Tokenizer.from_pretrained(model_path)
+    rng = random.Random(seed)
+    sets = {}
+    for kind, train_path, val_path in (("harmful", harmful, harmful_val), ("harmless", harmless, harmless_val)):
+        train = instructions_from(train_path)
+        val = instructions_from(val_path) if val_path else None
+        sets[kind] = split_sets(train, val, n_train, n_val, rng, train_path)
+    refusal_ids = refusal_token_ids(tokenizer, refusal_texts or default_refusal_texts(model_path))
+    eoi = post_instruction_tokens(tokenizer)
+    log(f"refusal tokens {refusal_ids} {[tokenizer.decode([t]) for t in refusal_ids]}; "
+        f"{len(eoi)} post-instruction positions {[tokenizer.decode([t]) for t in eoi]}")
+
+    pad, bs = tokenizer.pad_id, batch_size
+    prompts = {}
+    for kind, refuse in (("harmful", True), ("harmless", False)):
+        for split, texts in zip(("train", "val"), sets[kind]):
+            ids = tokenize_instructions(tokenizer, texts)
+            if filter_refusals:
+                ids, texts = filter_by_refusal(model, ids, texts, refusal_ids, refuse, bs, pad, f"{kind} {split}")
+            prompts[kind, split] = ids
+            log(f"{kind} {split}: {len(ids)} instructions")
+
+    candidates = difference_in_means(model, prompts["harmful", "train"], prompts["harmless", "train"],
+                                     len(eoi), bs, pad)
+    return select_direction(model, candidates, prompts["harmful", "val"], prompts["harmless", "val"],
+                            refusal_ids, kl_threshold=kl_threshold, induce_refusal_threshold=induce_refusal_threshold,
+                            prune_layer_fraction=prune_layer_fraction, batch_size=bs, pad_id=pad, log=log)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Find a model's refusal direction (Arditi et al. 2024), "
+    d = cli.keyword_defaults(find_direction)  # the search's flags feed find_direction (cli.call)
+    p = argparse.ArgumentParser(prog="refusal.py", allow_abbrev=False,
+                                description="Find a model's refusal direction (Arditi et al. 2024), "
                                 "and optionally export the model with it orthogonalised away.")
     p.add_argument("--model-path", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
     p.add_argument("--harmful", help="harmful instructions, [{'instruction', 'category'}]")
@@ -525,16 +568,17 @@ def parse_args(argv=None):
     p.add_argument("--out", help="direction file to write (.safetensors)")
     p.add_argument("--direction", help="an existing direction file: skip the search and only --export")
     p.add_argument("--export", help="also write the orthogonalised model here (a HF checkpoint directory)")
-    p.add_argument("--n-train", type=int, default=128, help="instructions per set for the means")
-    p.add_argument("--n-val", type=int, default=32, help="instructions per set for selection")
-    p.add_argument("--refusal-text", action="append", help="a refusal opening whose first token counts as "
-                   "refusing (repeatable); default 'I', or the toy world's refusal")
-    p.add_argument("--no-filter", action="store_true", help="keep instructions the model does not refuse/answer")
-    p.add_argument("--kl-threshold", type=float, default=0.1)
-    p.add_argument("--induce-refusal-threshold", type=float, default=0.0)
-    p.add_argument("--prune-layer-fraction", type=float, default=0.2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--n-train", type=int, default=d["n_train"], help="instructions per set for the means")
+    p.add_argument("--n-val", type=int, default=d["n_val"], help="instructions per set for selection")
+    p.add_argument("--refusal-text", action="append", dest="refusal_texts", help="a refusal opening whose first "
+                   "token counts as refusing (repeatable); default 'I', or the toy world's refusal")
+    p.add_argument("--no-filter", action="store_false", dest="filter_refusals",
+                   help="keep instructions the model does not refuse/answer")
+    p.add_argument("--kl-threshold", type=float, default=d["kl_threshold"])
+    p.add_argument("--induce-refusal-threshold", type=float, default=d["induce_refusal_threshold"])
+    p.add_argument("--prune-layer-fraction", type=float, default=d["prune_layer_fraction"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
                    help="auto: bf16 on CUDA, fp32 on CPU")
@@ -547,49 +591,18 @@ def parse_args(argv=None):
     return args
 
 
-def find_direction(args, model, log=print) -> Selection:
-    """Steps 1 and 2 from the command line's files: sample, tokenize, filter, take means, select."""
-    tokenizer = Tokenizer.from_pretrained(args.model_path)
-    rng = random.Random(args.seed)
-    sets = {}
-    for kind in ("harmful", "harmless"):
-        train = instructions_from(getattr(args, kind))
-        val_path = getattr(args, f"{kind}_val")
-        val = instructions_from(val_path) if val_path else None
-        sets[kind] = split_sets(train, val, args.n_train, args.n_val, rng, getattr(args, kind))
-    refusal_ids = refusal_token_ids(tokenizer, args.refusal_text or default_refusal_texts(args.model_path))
-    eoi = post_instruction_tokens(tokenizer)
-    log(f"refusal tokens {refusal_ids} {[tokenizer.decode([t]) for t in refusal_ids]}; "
-        f"{len(eoi)} post-instruction positions {[tokenizer.decode([t]) for t in eoi]}")
-
-    pad, bs = tokenizer.pad_id, args.batch_size
-    prompts = {}
-    for kind, refuse in (("harmful", True), ("harmless", False)):
-        for split, texts in zip(("train", "val"), sets[kind]):
-            ids = tokenize_instructions(tokenizer, texts)
-            if not args.no_filter:
-                ids, texts = filter_by_refusal(model, ids, texts, refusal_ids, refuse, bs, pad, f"{kind} {split}")
-            prompts[kind, split] = ids
-            log(f"{kind} {split}: {len(ids)} instructions")
-
-    candidates = difference_in_means(model, prompts["harmful", "train"], prompts["harmless", "train"],
-                                     len(eoi), bs, pad)
-    return select_direction(model, candidates, prompts["harmful", "val"], prompts["harmless", "val"],
-                            refusal_ids, kl_threshold=args.kl_threshold,
-                            induce_refusal_threshold=args.induce_refusal_threshold,
-                            prune_layer_fraction=args.prune_layer_fraction, batch_size=bs, pad_id=pad, log=log)
-
-
-def main(argv=None) -> int:
+def main(argv=None):
     args = parse_args(argv)
     try:
+        # before the model is loaded: a bad --out would otherwise fail only after the search
+        cli.check_flags(args, {"n_train": 1, "n_val": 1, "batch_size": 1}, {"out": False, "export": True})
         dtype = hf.pick_dtype(args.dtype, args.device)
         model = hf.load_pretrained(args.model_path, dtype=dtype, device=args.device).eval()
         model.requires_grad_(False)
         if args.direction is not None:
             direction = load_direction(args.direction, model).direction
         else:
-            sel = find_direction(args, model)
+            sel = cli.call(find_direction, args, model=model)
             P = sel.candidates.shape[0]
             print(f"chosen: position {sel.position}, layer {sel.layer}: refusal score "
                   f"{sel.refusal_score[sel.position + P, sel.layer]:.3f} (baseline {sel.baseline_harmful:.3f}), "
@@ -602,10 +615,8 @@ def main(argv=None) -> int:
             save_orthogonalized(orthogonalize(model, direction), args.model_path, args.export)
             print(f"wrote {args.export}")
     except (ValueError, FileNotFoundError) as e:
-        print(f"refusal.py: {e}", file=sys.stderr)
-        return 1
-    return 0
+        sys.exit(f"refusal.py: error: {e}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,27 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 # OpenMP threads that spin while waiting made elementwise kernels ten times slower on a 2-core machine
 # shared with other jobs (BENCHMARKS.md); passive waiting costs nothing on an idle one. Set before torch
 # is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def script_fails():
+    """check(script, *argv, match=...): `python SCRIPT ARGV` in a fresh process, with no GPU visible, fails as
+    the command lines promise: a non-zero exit and one line on stderr, "SCRIPT: error: ...", containing
+    `match`; no traceback, and nothing else printed there (no model was loaded, nothing generated)."""
+    def check(script, *argv, match):
+        proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True,
+                              text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"{script}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert match in proc.stderr, proc.stderr
+    return check

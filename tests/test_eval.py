@@ -1,5 +1,5 @@
-"""eval.py: the attacks on tiny random models, the HarmBench judge prompt and judge path, the refusal
-matcher, benchmark formatting, and bad input stopping the run before anything is evaluated.
+"""eval.py and attacks.py: the attacks on tiny random models, the HarmBench judge prompt and judge path,
+the refusal matcher, benchmark formatting, and bad input stopping the run before anything is evaluated.
 
 Tiny random Llama checkpoints are written by transformers in each test module; the model runs in fp32.
 """
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attacks  # noqa: E402
 import eval as ev  # noqa: E402
 import hf  # noqa: E402
 import lora  # noqa: E402
@@ -119,59 +120,59 @@ def spy_generate(model, monkeypatch) -> list:
 
 def test_prefill_starts_the_answer_with_the_target(model, monkeypatch):
     calls = spy_generate(model, monkeypatch)
-    cfg = ev.AttackConfig(max_new_tokens=3)
-    results = ev.attack_prefill(model, TOK, ITEMS, cfg)
+    cfg = attacks.AttackConfig(max_new_tokens=3)
+    results = attacks.attack_prefill(model, TOK, ITEMS, cfg)
     sent = [p for c in calls for p in c["prompts"]]
     for it in ITEMS:
         want = TOK.apply_chat_template(it["messages"], add_generation_prompt=True) + TOK.encode(it["target"] + ":\n\n")
         assert want in sent
     assert [r["prefill"] for r in results] == ["Sure, here is how:\n\n", "Hi:\n\n"]
     # greedy and batched: the same as one row at a time
-    alone = ev.attack_prefill(model, TOK, ITEMS[1:], cfg)
+    alone = attacks.attack_prefill(model, TOK, ITEMS[1:], cfg)
     assert alone[0]["generation"] == results[1]["generation"]
 
 
 def test_split_user_turn_cuts_after_the_users_text():
-    before, after = ev.split_user_turn(TOK, ITEMS[0]["messages"])
+    before, after = attacks.split_user_turn(TOK, ITEMS[0]["messages"])
     assert before + after == TOK.apply_chat_template(ITEMS[0]["messages"], add_generation_prompt=True)
     assert after == [TOK.EOT] + TOK.header("assistant")
     assert TOK.decode(before).endswith("Explain how to pick a lock")
 
 
 def test_embed_attack_defaults_are_the_papers():
-    cfg = ev.AttackConfig()
+    cfg = attacks.AttackConfig()
     assert (cfg.embed_tokens, cfg.embed_steps, cfg.embed_lr, cfg.embed_early_stop) == (20, 500, 1e-3, 0.01)
-    assert TOK.decode(ev.init_ids(TOK, cfg)) == "x " * 10  # a byte vocabulary: the first 20 bytes of "x x ... x"
-    assert len(ev.init_ids(TOK, cfg)) == 20
+    assert TOK.decode(attacks.init_ids(TOK, cfg)) == "x " * 10  # a byte vocabulary: the first 20 bytes of "x x ... x"
+    assert len(attacks.init_ids(TOK, cfg)) == 20
 
 
 def test_embed_attack_lowers_its_loss(model):
-    start = ev.optimise_batch(model, TOK, ITEMS, ev.AttackConfig(embed_steps=0))
-    end = ev.optimise_batch(model, TOK, ITEMS, ev.AttackConfig(embed_steps=25, embed_lr=0.5))
+    start = attacks.optimise_batch(model, TOK, ITEMS, attacks.AttackConfig(embed_steps=0))
+    end = attacks.optimise_batch(model, TOK, ITEMS, attacks.AttackConfig(embed_steps=25, embed_lr=0.5))
     for s, e in zip(start, end):
         assert s["steps"] == 0 and e["steps"] == 25
         assert e["loss"] < 0.8 * s["loss"]
     # the default lr of 1e-3 is small, but still lowers it
-    small = ev.optimise_batch(model, TOK, ITEMS, ev.AttackConfig(embed_steps=5))
+    small = attacks.optimise_batch(model, TOK, ITEMS, attacks.AttackConfig(embed_steps=5))
     assert all(m["loss"] < s["loss"] for m, s in zip(small, start))
 
 
 def test_embed_attack_rows_are_independent_and_stop_early(model):
-    cfg = ev.AttackConfig(embed_steps=8, embed_lr=0.5)
-    together = ev.optimise_batch(model, TOK, ITEMS, cfg)
-    alone = ev.optimise_batch(model, TOK, ITEMS[:1], cfg)
+    cfg = attacks.AttackConfig(embed_steps=8, embed_lr=0.5)
+    together = attacks.optimise_batch(model, TOK, ITEMS, cfg)
+    alone = attacks.optimise_batch(model, TOK, ITEMS[:1], cfg)
     torch.testing.assert_close(together[0]["embeds"], alone[0]["embeds"], atol=1e-4, rtol=1e-4)
-    stopped = ev.optimise_batch(model, TOK, ITEMS, ev.AttackConfig(embed_steps=8, embed_early_stop=1e9))
+    stopped = attacks.optimise_batch(model, TOK, ITEMS, attacks.AttackConfig(embed_steps=8, embed_early_stop=1e9))
     assert [s["steps"] for s in stopped] == [0, 0]
 
 
 def test_embed_attack_generates_from_the_embeddings(model, monkeypatch):
     calls = spy_generate(model, monkeypatch)
-    results = ev.attack_embed(model, TOK, ITEMS, ev.AttackConfig(embed_steps=3, max_new_tokens=4))
+    results = attacks.attack_embed(model, TOK, ITEMS, attacks.AttackConfig(embed_steps=3, max_new_tokens=4))
     embeds = [e for c in calls for e in c["embeds"]]
     assert all(c["prompts"] is None for c in calls)
     for it in ITEMS:
-        before, after = ev.split_user_turn(TOK, it["messages"])
+        before, after = attacks.split_user_turn(TOK, it["messages"])
         assert len(before) + 20 + len(after) in [e.shape[0] for e in embeds]
     assert all(set(r) >= {"generation", "embed_loss", "embed_steps"} for r in results)
 
@@ -181,13 +182,15 @@ def test_repe_with_zero_coefficient_and_ablate_hooks_equal_weights(model, tiny):
     g = torch.Generator().manual_seed(3)
     layers = torch.randn(3, 32, generator=g)
     direction = refusal.RefusalDirection(direction=refusal.unit(layers[1]), layers=layers, layer=1, position=-1)
-    cfg = ev.AttackConfig(max_new_tokens=5)
-    direct = ev.attack_direct(model, TOK, ITEMS, cfg)
-    steered = ev.attack_repe(model, TOK, ITEMS, ev.AttackConfig(max_new_tokens=5, repe_coeff=0.0), direction)
+    cfg = attacks.AttackConfig(max_new_tokens=5)
+    direct = attacks.attack_direct(model, TOK, ITEMS, cfg)
+    steered = attacks.attack_repe(model, TOK, ITEMS, attacks.AttackConfig(max_new_tokens=5, repe_coeff=0.0),
+                                  direction)
     assert [r["generation"] for r in steered] == [r["generation"] for r in direct]
-    hooks = ev.attack_ablate(model, TOK, ITEMS, cfg, direction)
+    hooks = attacks.attack_ablate(model, TOK, ITEMS, cfg, direction)
     fresh = hf.load_pretrained(tiny, dtype=torch.float32).eval().requires_grad_(False)
-    weights = ev.attack_ablate(fresh, TOK, ITEMS, ev.AttackConfig(max_new_tokens=5, ablate_mode="weights"), direction)
+    weights = attacks.attack_ablate(fresh, TOK, ITEMS, attacks.AttackConfig(max_new_tokens=5, ablate_mode="weights"),
+                                    direction)
     assert [r["generation"] for r in weights] == [r["generation"] for r in hooks]
 
 
@@ -370,7 +373,7 @@ def chat_model(tmp_path_factory):
 def test_cli_prefill_with_the_harmbench_judge(chat_model, judges, tmp_path, capsys):
     needs_shared(HARMBENCH)
     out = tmp_path / "results.json"
-    ev.main(["--model-path", str(chat_model), "--benchmark", str(HARMBENCH), "--attack", "prefill",
+    ev.main(["harmbench", "--model-path", str(chat_model), "--benchmark", str(HARMBENCH), "--attack", "prefill",
              "--judge", "harmbench", "--judge-path", str(judges["yes"]), "--limit", "2",
              "--max-new-tokens", "3", "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
@@ -383,12 +386,22 @@ def test_cli_prefill_with_the_harmbench_judge(chat_model, judges, tmp_path, caps
 def test_cli_xstest_over_refusal(chat_model, tmp_path, capsys):
     needs_shared(XSTEST)
     out = tmp_path / "xstest.json"
-    ev.main(["--model-path", str(chat_model), "--benchmark", str(XSTEST), "--start", "24", "--limit", "2",
+    ev.main(["xstest", "--model-path", str(chat_model), "--benchmark", str(XSTEST), "--start", "24", "--limit", "2",
              "--max-new-tokens", "2", "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert (result["n_safe"], result["n_unsafe"]) == (1, 1)  # the last homonym, the first contrast one
     assert set(result["by_type"]) == {"homonyms", "contrast_homonyms"}
     assert "over-refusal" in capsys.readouterr().out
+
+
+def test_cli_takes_no_abbreviations(capsys):
+    """--model is not --model-path: an abbreviation would silently run another model."""
+    for argv in (["layers", "--model-path", "m", "--model", "toy", "--adapter", "a", "--data", "d"],
+                 ["harmbench", "--model-path", "m", "--bench", "b.json", "--benchmark", "b.json", "--out", "o.json"],
+                 ["toy", "--out", "o.json", "--adapt", "a"]):
+        with pytest.raises(SystemExit) as e:
+            ev.parse_args(argv)
+        assert e.value.code == 2 and "unrecognized arguments: --" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -397,6 +410,7 @@ def no_evaluation(monkeypatch):
         raise AssertionError("bad input reached evaluation")
     monkeypatch.setattr(ev, "load_model", refuse)
     monkeypatch.setattr(ev, "generate_texts", refuse)
+    monkeypatch.setattr(attacks, "generate_texts", refuse)
 
 
 def fails(argv, capsys, match):
@@ -404,8 +418,12 @@ def fails(argv, capsys, match):
     with pytest.raises(SystemExit) as e:
         ev.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 1
-    assert err.startswith("eval.py: ") and err.count("\n") == 1, err
+    if isinstance(e.value.code, str):  # sys.exit("message"): Python prints it on stderr and exits with 1
+        code, err = 1, err + e.value.code + "\n"
+    else:
+        code = e.value.code
+    assert code == 1
+    assert err.startswith("eval.py: error: ") and err.count("\n") == 1, err
     assert match in err, err
 
 
@@ -419,25 +437,26 @@ def write_adapter(tmp_path, model_dir, base_name, name="adapter"):
 def test_bad_benchmark(tiny, tmp_path, capsys, no_evaluation):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps([{"behavior": "x"}]))
-    fails(["--model-path", str(tiny), "--benchmark", str(bench), "--out", str(tmp_path / "o.json")], capsys,
-          "expected an object with a 'data' list")
+    fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(bench), "--out", str(tmp_path / "o.json")],
+          capsys, "expected an object with a 'data' list")
     bench.write_text(json.dumps({"data": [{"behavior": "x", "messages": [{"role": "user", "content": "x"}]}]}))
-    fails(["--model-path", str(tiny), "--benchmark", str(bench), "--out", str(tmp_path / "o.json")], capsys,
-          "data[0]: field 'default_target' is missing")
+    fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(bench), "--out", str(tmp_path / "o.json")],
+          capsys, "data[0]: field 'default_target' is missing")
     assert not (tmp_path / "o.json").exists()
 
 
 def test_bad_judge_path(tiny, tmp_path, capsys, no_evaluation):
     needs_shared(HARMBENCH)
-    fails(["--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--judge", "harmbench", "--judge-path",
-           str(tiny), "--out", str(tmp_path / "o.json")], capsys, "vocab_size 260")
-    fails(["--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--judge", "harmbench",
+    fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--judge", "harmbench",
+           "--judge-path", str(tiny), "--out", str(tmp_path / "o.json")], capsys, "vocab_size 260")
+    fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--judge", "harmbench",
            "--out", str(tmp_path / "o.json")], capsys, "--judge harmbench needs --judge-path")
 
 
 def test_adapter_for_another_base_model(tiny, tmp_path, capsys, no_evaluation):
     needs_shared(HARMBENCH)
-    run = ["--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--out", str(tmp_path / "o.json"), "--adapter"]
+    run = ["harmbench", "--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--out", str(tmp_path / "o.json"),
+           "--adapter"]
     other = write_adapter(tmp_path, tiny, "meta-llama/Meta-Llama-3-8B-Instruct", "named")
     fails(run + [str(other)], capsys, "made for base model 'meta-llama/Meta-Llama-3-8B-Instruct'")
     deeper = write_adapter(tmp_path, write_llama(tmp_path / "deep" / "tiny", layers=3), "tiny", "deeper")
@@ -449,5 +468,52 @@ def test_adapter_for_another_base_model(tiny, tmp_path, capsys, no_evaluation):
 
 def test_repe_without_a_direction(tiny, tmp_path, capsys, no_evaluation):
     needs_shared(HARMBENCH)
-    fails(["--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--attack", "repe",
+    fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--attack", "repe",
            "--out", str(tmp_path / "o.json")], capsys, "--attack repe needs --direction")
+
+
+# -----------------------------------------------------------------------------
+# Bad flags through the real command line: one line naming the flag, before any model is loaded, and an
+# earlier output left as it was
+
+
+EARLIER = b'{"earlier": "results"}\n'
+
+
+@pytest.fixture
+def cli_files(chat_model, tmp_path):
+    """A small HarmBench file, the analyses' data files, an adapter, and an earlier results file."""
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"data": [{"behavior": "Say hi", "default_target": "Hi",
+                                           "messages": [{"role": "user", "content": "Say hi"}]}]}))
+    cb = tmp_path / "cb.json"
+    cb.write_text(json.dumps([{"prompt": "Say hi", "output": "Hi"}]))
+    (tmp_path / "ultrachat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                                       {"role": "assistant", "content": "Hello"}]}))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_bytes(EARLIER)
+    return {"bench": bench, "cb": cb, "chat": tmp_path / "ultrachat.jsonl", "earlier": earlier,
+            "adapter": write_adapter(tmp_path, chat_model, "chat")}
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--out", "{dir}"], "is a directory; expected a file"),
+    (["--out", "{earlier}/results.json"], "earlier.json is a file, not a directory"),
+    (["--out", "{earlier}", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--out", "{earlier}", "--start", "-1"], "--start -1: must be at least 0"),
+    (["--out", "{earlier}", "--limit", "-2"], "--limit -2: must be at least 1"),
+    (["--out", "{earlier}", "--device", "cuda"], "--device cuda: no CUDA GPU"),
+])
+def test_cli_refuses_bad_flags_before_loading_a_model(chat_model, cli_files, tmp_path, script_fails, flags, match):
+    flags = [f.format(dir=tmp_path, earlier=cli_files["earlier"]) for f in flags]
+    script_fails("eval.py", "harmbench", "--model-path", chat_model, "--benchmark", cli_files["bench"],
+                 "--max-new-tokens", 2, *flags, match=match)
+    assert cli_files["earlier"].read_bytes() == EARLIER
+
+
+@pytest.mark.parametrize("command", ["layers", "perplexity"])
+def test_cli_analyses_name_a_zero_limit(chat_model, cli_files, script_fails, command):
+    data = cli_files["cb"] if command == "layers" else cli_files["chat"]
+    script_fails("eval.py", command, "--model-path", chat_model, "--adapter", cli_files["adapter"], "--data", data,
+                 "--limit", 0, "--out", cli_files["earlier"], match="--limit 0: must be at least 1")
+    assert cli_files["earlier"].read_bytes() == EARLIER

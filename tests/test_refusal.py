@@ -245,9 +245,14 @@ def cli_model(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = refusal.main([str(a) for a in argv])
+    """-> (exit status, stdout, stderr) of refusal.py's command line, as a process would have them."""
+    try:
+        refusal.main([str(a) for a in argv])
+        code, message = 0, ""
+    except SystemExit as e:  # sys.exit("message"): Python prints it on stderr and exits with 1
+        code, message = (1, f"{e.code}\n") if isinstance(e.code, str) else (e.code, "")
     out = capsys.readouterr()
-    return code, out.out, out.err
+    return code, out.out, out.err + message
 
 
 def search_args(root, out, *extra):
@@ -374,6 +379,12 @@ def test_cli_rejects_a_direction_file_for_another_model(cli_model, capsys, tmp_p
     assert not (tmp_path / "ortho").exists()
 
 
+def test_cli_takes_no_abbreviations(capsys):
+    with pytest.raises(SystemExit) as e:
+        refusal.parse_args(["--model-path", "m", "--direction", "d", "--export", "e", "--n-tr", "4"])
+    assert e.value.code == 2 and "unrecognized arguments: --n-tr 4" in capsys.readouterr().err
+
+
 def test_cli_rejects_a_missing_model(capsys, tmp_path):
     code, _, stderr = run_cli(capsys, "--model-path", tmp_path / "nope", "--harmful", "a", "--harmless", "b",
                               "--out", tmp_path / "d.safetensors")
@@ -409,3 +420,21 @@ def test_target_directions_errors(tmp_path):
     save_file({"direction": torch.zeros(8)}, tmp_path / "zero.safetensors")
     with pytest.raises(ValueError, match="zero or not finite"):
         refusal.target_directions(tmp_path / "zero.safetensors", [10], dim=8)
+
+
+# -----------------------------------------------------------------------------
+# Bad flags through the real command line: one line naming the flag, before the model is loaded, and an
+# earlier direction file left as it was
+
+
+def test_cli_refuses_bad_flags_before_loading_the_model(cli_model, tmp_path, script_fails):
+    earlier = write_direction(tmp_path / "earlier.safetensors")
+    before = earlier.read_bytes()
+    search = ("refusal.py", "--model-path", cli_model / "model", "--harmful", cli_model / "harmful.json",
+              "--harmless", cli_model / "harmless.json")
+    script_fails(*search, "--out", tmp_path, match="is a directory; expected a file")
+    script_fails(*search, "--out", earlier / "d.safetensors", match="earlier.safetensors is a file, not a directory")
+    script_fails(*search, "--out", earlier, "--export", earlier, match="is a file; expected a directory")
+    script_fails(*search, "--out", earlier, "--batch-size", 0, match="--batch-size 0: must be at least 1")
+    script_fails(*search, "--out", earlier, "--device", "cuda", match="--device cuda: no CUDA GPU")
+    assert earlier.read_bytes() == before

@@ -1,0 +1,90 @@
+"""
+What eval.py's and refusal.py's command lines share. A flag and the parameter it feeds have one name
+(`--max-length` feeds `max_length`), so the function's signature holds the default, and a command
+calls its function with the flags of the same names. Bad flags are refused before any model is loaded
+(a run that fails at its last step loses hours of generation), and output files are written whole or
+not at all.
+"""
+
+import inspect
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def keyword_defaults(fn) -> dict:
+    """{parameter: default} of fn: the defaults of the flags that feed it."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+def call(fn, args, **values):
+    """fn called with the parsed flags named like its parameters, and with `values`."""
+    names = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in vars(args).items() if k in names}, **values)
+
+
+def check_device(device: str):
+    """Refuse a device that does not parse, or a GPU this machine does not have."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def check_flags(args, minimums: dict, outputs: dict):
+    """What every command checks before it loads a model: the device, the least value of each counting
+    flag ({dest: least}), and each output path given ({dest: True for a directory, False for a file})."""
+    check_device(args.device)
+    for dest, least in minimums.items():
+        value = getattr(args, dest, None)
+        if value is not None and value < least:
+            raise ValueError(f"{as_flag(dest)} {value}: must be at least {least}")
+    for dest, directory in outputs.items():
+        if getattr(args, dest, None) is not None:
+            check_output(getattr(args, dest), as_flag(dest), directory)
+
+
+def as_flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_output(path, flag: str, directory: bool = False):
+    """Refuse an output path that cannot be written: a directory where a file goes (or the reverse), or a
+    path under a regular file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise ValueError(f"{flag} {path}: is a {'file' if directory else 'directory'}; expected "
+                         f"{'a directory' if directory else 'a file'} to write")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+
+
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path` to write; when the block ends it replaces `path`. On any
+    exception it is removed, and an earlier file at `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) make it private; what it becomes is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, result: dict):
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")

@@ -1,0 +1,56 @@
+"""cli.py: flags fed to the function of the same parameter names, the checks that run before a model is
+loaded, and output files that are replaced whole or not at all."""
+
+import argparse
+
+import pytest
+
+import cli
+
+
+def evaluate(data, *, limit=100, batch_size=8):
+    return data, limit, batch_size
+
+
+def test_flags_take_their_defaults_from_the_function_they_feed():
+    assert cli.keyword_defaults(evaluate) == {"limit": 100, "batch_size": 8}
+    args = argparse.Namespace(data="x.json", limit=3, batch_size=2, out="o.json", command="layers")
+    assert cli.call(evaluate, args) == ("x.json", 3, 2)  # out and command feed nothing here
+    assert cli.call(evaluate, argparse.Namespace(limit=5), data="y.json") == ("y.json", 5, 8)
+
+
+def test_atomic_file_leaves_an_earlier_file_alone_when_the_write_fails(tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text("earlier")
+    with pytest.raises(RuntimeError, match="boom"):
+        with cli.atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert out.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    cli.write_json(tmp_path / "new" / "results.json", {"asr": 0.5})
+    assert (tmp_path / "new" / "results.json").read_text() == '{\n "asr": 0.5\n}\n'
+
+
+@pytest.mark.parametrize("dest, value, match", [
+    ("batch_size", 0, "--batch-size 0: must be at least 1"),
+    ("start", -1, "--start -1: must be at least 0"),
+    ("device", "gpu", "--device gpu: not a device"),
+])
+def test_check_flags_names_the_flag(tmp_path, dest, value, match):
+    args = argparse.Namespace(device="cpu", batch_size=8, start=0, out=str(tmp_path / "o.json"))
+    cli.check_flags(args, {"batch_size": 1, "start": 0}, {"out": False})  # all good
+    setattr(args, dest, value)
+    with pytest.raises(ValueError, match=match):
+        cli.check_flags(args, {"batch_size": 1, "start": 0}, {"out": False})
+
+
+def test_check_output(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cli.check_output(tmp_path / "new" / "o.json", "--out")  # a directory that does not exist yet is fine
+    cli.check_output(tmp_path, "--export", directory=True)
+    with pytest.raises(ValueError, match="is a directory; expected a file"):
+        cli.check_output(tmp_path, "--out")
+    with pytest.raises(ValueError, match="file is a file, not a directory"):
+        cli.check_output(tmp_path / "file" / "deeper" / "o.json", "--out")
+    with pytest.raises(ValueError, match="--export .*: is a file; expected a directory"):
+        cli.check_output(tmp_path / "file", "--export", directory=True)
