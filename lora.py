@@ -4,7 +4,8 @@ A LoRA layer adds a trainable low-rank update to a frozen linear layer (Hu et al
 
     y = W x + (alpha / r) * B (A dropout(x))        W (out, in) frozen, A (r, in), B (out, r)
 
-A starts kaiming-uniform and B at zero, so B A = 0 and training starts exactly at the base model.
+A starts kaiming-uniform and B at zero, so B A = 0 and training starts exactly at the base model
+(`b_std` > 0 starts B as small noise instead: losses.py says why one might).
 Merging folds the update into the weight, W' = W + (alpha / r) * B A, and removes the LoRA layer.
 
 Two design choices make circuit-breaker training simple:
@@ -37,7 +38,7 @@ PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update, switched off by `disabled`."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, b_std: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # same name as in nn.Linear: checkpoint keys stay HF's
@@ -50,7 +51,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default: U(+-1/sqrt(in))
-        nn.init.zeros_(self.lora_B.weight)  # B A = 0: training starts at the base model
+        if b_std:
+            nn.init.normal_(self.lora_B.weight, std=b_std)  # a small step off the base model
+        else:
+            nn.init.zeros_(self.lora_B.weight)  # B A = 0: training starts at the base model
         self.lora_dropout = nn.Dropout(dropout)
         self.disabled = False
 
@@ -74,7 +78,7 @@ class LoRALinear(nn.Module):
 # Adding, switching off and merging
 
 
-def apply_lora(model, r=16, alpha=16, dropout=0.05, targets=TARGETS, layers=range(0, 21)):
+def apply_lora(model, r=16, alpha=16, dropout=0.05, targets=TARGETS, layers=range(0, 21), b_std=0.0):
     """Freeze the whole model and wrap `targets` of blocks `layers` in LoRALinear. Returns the model.
 
     The official recipe: r 16, alpha 16, dropout 0.05, all seven projections of blocks 0-20 (for target
@@ -95,7 +99,7 @@ def apply_lora(model, r=16, alpha=16, dropout=0.05, targets=TARGETS, layers=rang
         block = model.model.layers[i]
         for name in targets:
             parent = getattr(block, PARENT[name])
-            layer = LoRALinear(getattr(parent, name), r, alpha, dropout)
+            layer = LoRALinear(getattr(parent, name), r, alpha, dropout, b_std)
             layer.train(model.training)  # a new module starts in training mode: follow the model's
             setattr(parent, name, layer)
     return model

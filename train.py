@@ -63,6 +63,7 @@ class TrainConfig:
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA alpha (update scaled by alpha / r)")
     lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_init_std: float = opt(0.0, "std of LoRA B's initial values (0: B = 0, the base model exactly, as PEFT)")
     lora_targets: tuple[str, ...] = opt(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                          "down_proj"), "projections wrapped with LoRA")
     loss_alpha: float = opt(10.0, "loss weight alpha of the schedule (preset: 10 Llama-3, 5 Mistral)")
@@ -78,6 +79,8 @@ class TrainConfig:
     direction: str = opt("", "safetensors file with one direction per target layer, for --loss direction")
     retain_norm: str = opt("official", "official (all states, mean over 1024-padded positions, as the "
                                        "official code) or masked (mean over real tokens)", ("official", "masked"))
+    retain_pad_to: int = opt(1024, "official retain normalisation: the padded row length it divides by "
+                                   "(1024 officially, for rows that approach it)")
     loss_on: str = opt("full", "tokens the rerouting loss sees: full (the whole text, official) or response",
                        ("full", "response"))
     # --- data (see data.py)
@@ -108,12 +111,15 @@ PRESETS = {
                    with_request="random"),
     "mistral": dict(model_path="checkpoints/Mistral-7B-Instruct-v0.2", loss_alpha=5.0, refusal_retain=False,
                     with_request="always"),
-    # The toy world (toy.py), on a CPU. bf16 even there: its rounding is what moves training off the
-    # zero-gradient start (losses.py). XSTest x12 weighs its 64 dish answers against 800 UltraChat
-    # conversations as the official x50 does; README, "The toy world", says how lr was chosen.
+    # The toy world (toy.py), on a CPU; README, "The toy world", says how each value was chosen. Two
+    # departures from the recipe: LoRA's B starts as small noise, so training leaves the zero-gradient
+    # start deterministically (losses.py); the retain term divides by 128 padded positions, which the
+    # toy's 37-token rows fill as the official rows (mean 324 tokens) fill 1024. XSTest x12 weighs its
+    # 64 dish answers against 800 UltraChat conversations as the official x50 does.
     "toy": dict(model_path="toy/model", data_dir="toy/data", target_layers=(2, 3), loss_alpha=10.0,
-                refusal_retain=True, with_request="random", steps=100, batch_size=8, lr=8.5e-4, dtype="bf16",
-                n_ultrachat=2000, xstest_repeat=12, val_every=0, ckpt_every=0, log_every=10,
+                refusal_retain=True, with_request="random", steps=100, batch_size=8, lr=8.5e-4,
+                lora_init_std=5e-2, retain_pad_to=128, n_ultrachat=2000, xstest_repeat=12, val_every=0,
+                ckpt_every=0, log_every=10,
                 threads=1),  # matrices this small gain nothing from threads; on a busy CPU they cost
 }
 HUB_IDS = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistralai/Mistral-7B-Instruct-v0.2"}
@@ -165,7 +171,7 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
     """The base model as training runs it: LoRA, gradient checkpointing, compiled blocks."""
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
-               layers=cfg.lora_layers)
+               layers=cfg.lora_layers, b_std=cfg.lora_init_std)
     model.gradient_checkpointing = cfg.grad_ckpt
     if cfg.compile:
         for block in model.model.layers:
@@ -232,7 +238,7 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting):
     cb_loss = rerouting(cb_new, cb_orig, batch.cb_loss_mask)
     if cfg.retain_norm == "official":
         retain_loss = losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
-                                                  pad_to=data.OFFICIAL_LENGTHS.retain)
+                                                  pad_to=cfg.retain_pad_to)
     else:
         retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask)
     loss = cb_coeff * cb_loss + retain_coeff * retain_loss

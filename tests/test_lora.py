@@ -145,3 +145,17 @@ def test_apply_lora_errors(base):
     lora.apply_lora(model, layers=[0])
     with pytest.raises(ValueError, match="already has LoRA"):
         lora.apply_lora(model, layers=[1])
+
+
+def test_b_std_starts_b_as_noise_and_zero_keeps_the_default_draws():
+    from torch import nn
+    from lora import LoRALinear
+    torch.manual_seed(0)
+    plain = LoRALinear(nn.Linear(64, 32, bias=False), r=8, alpha=8, dropout=0.0)
+    after_plain = torch.rand(1)
+    torch.manual_seed(0)
+    zero = LoRALinear(nn.Linear(64, 32, bias=False), r=8, alpha=8, dropout=0.0, b_std=0.0)
+    assert torch.equal(zero.lora_A.weight, plain.lora_A.weight) and not zero.lora_B.weight.any()
+    assert torch.equal(torch.rand(1), after_plain)  # no extra random draw: other runs keep their numerics
+    noisy = LoRALinear(nn.Linear(64, 32, bias=False), r=8, alpha=8, dropout=0.0, b_std=0.05)
+    assert 0.03 < noisy.lora_B.weight.std().item() < 0.07
