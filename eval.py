@@ -554,8 +554,9 @@ def toy_metrics(model, tok, world, harmful, benign, cfg, direction) -> dict:
     return {**m, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes}
 
 
-# refusal.py's filters, loosened: a 4-block model decides to refuse at its last block's input (README.md).
-TOY_DIRECTION_FILTERS = {"prune_layer_fraction": 0.0, "kl_threshold": 0.5}
+# refusal.py's filters, loosened for a 4-block model (README.md): it decides to refuse at its last block's
+# input, and no direction that leaves harmless answers alone also induces refusal when added.
+TOY_DIRECTION_FILTERS = {"prune_layer_fraction": 0.0, "kl_threshold": 0.5, "induce_refusal_threshold": -math.inf}
 
 
 def toy_direction(model, model_path, root, log):
