@@ -38,8 +38,10 @@ Where we leave it, and why:
     16 examples are less than one epoch either way.
 """
 
+import codecs
 import csv
 import functools
+import io
 import json
 import random
 from pathlib import Path
@@ -64,11 +66,14 @@ def load_instructions(path) -> list[dict]:
     return _json_records(path, ("instruction",))
 
 
-def load_ultrachat(path, limit: int | None = None, min_messages: int = 2) -> list[dict]:
+def load_ultrachat(path, limit: int | None = None, min_messages: int = 2,
+                   check: Callable[[list, str], None] = check_messages) -> list[dict]:
     """UltraChat as JSONL, one {"messages": [{"role", "content"}, ...]} per line (ultrachat_200k `to_json`).
 
     Returns the first `limit` conversations with at least `min_messages` messages, in file order (the
     official code takes the first 10,000 test_sft conversations with a reply). Only those lines are read.
+    `check(messages, where)` checks each conversation: pass a tokenizer's `check_chat` to have its chat
+    template's turn order checked here, where the message can name the line.
     """
     path = _existing(path)
     conversations = []
@@ -86,7 +91,7 @@ def load_ultrachat(path, limit: int | None = None, min_messages: int = 2) -> lis
                 raise ValueError(f"{path}: line {n}: not UTF-8 text") from None
             if not isinstance(record, dict) or "messages" not in record:
                 raise ValueError(f"{path}: line {n}: field 'messages' is missing")
-            check_messages(record["messages"], f"{path}: line {n}: messages")
+            check(record["messages"], f"{path}: line {n}: messages")
             if len(record["messages"]) >= min_messages:
                 conversations.append(record)
     if not conversations:
@@ -97,10 +102,10 @@ def load_ultrachat(path, limit: int | None = None, min_messages: int = 2) -> lis
 def load_xstest(path, label: str = "1_full_compliance") -> list[dict]:
     """XSTest completions CSV (xstest_v2_completions_gpt4_gpteval.csv): the rows whose `final_label` is `label`,
     each a dict of all columns, with at least `prompt` and `completion`."""
-    path = _existing(path)
+    path = Path(path)
     columns = ("prompt", "completion", "final_label")
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         try:
             missing = [c for c in columns if c not in (reader.fieldnames or [])]
@@ -115,8 +120,6 @@ def load_xstest(path, label: str = "1_full_compliance") -> list[dict]:
                     rows.append(row)
         except csv.Error as e:
             raise ValueError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: after line {reader.line_num}: not UTF-8 text") from None
     if not rows:
         raise ValueError(f"{path}: no row has final_label {label!r}")
     return rows
@@ -152,13 +155,22 @@ def _existing(path) -> Path:
     return path
 
 
+def _read_text(path: Path) -> str:
+    """A whole file as text. A byte that is not UTF-8 is reported with its line: decoding the whole
+    file at once gives its offset in the file, where a text stream would only say which chunk."""
+    raw = _existing(path).read_bytes().removeprefix(codecs.BOM_UTF8)  # spreadsheets often write a BOM
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: not UTF-8 text (line {line}: byte {raw[e.start]:#04x}, {e.reason})") from None
+
+
 def _read_json(path: Path):
     try:
-        return json.loads(_existing(path).read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _json_records(path, fields) -> list[dict]:
@@ -238,7 +250,7 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
     cb_fields = ("prompt", "output") + (("llama3_output",) if refusal_retain and n_refusal else ())
     cb_records = load_circuit_breaker_set(data_dir / CB_TRAIN, cb_fields)
     val_records = load_circuit_breaker_set(data_dir / CB_VAL)
-    chats = load_ultrachat(data_dir / ULTRACHAT, limit=n_ultrachat) if n_ultrachat else []
+    chats = load_ultrachat(data_dir / ULTRACHAT, limit=n_ultrachat, check=tokenizer.check_chat) if n_ultrachat else []
     xstest = load_xstest(data_dir / XSTEST) if xstest_repeat else []
 
     rng = random.Random(seed)
@@ -313,9 +325,8 @@ def batches(cb: list[Example], retain: list[Example], batch_size: int, *, pad_id
     right-padded to the longest row of their batch; pad_to=OFFICIAL_LENGTHS instead pads as the official
     code did: request left-padded to 512 and response right-padded to 512; retain left-padded to 1024.
     """
+    check_batch_size(cb, retain, batch_size)
     n = min(len(cb), len(retain))
-    if n < batch_size:
-        raise ValueError(f"batch size {batch_size} is more than the {n} examples each set can give")
     rng = random.Random(seed)
     while True:
         cb_rows, retain_rows = rng.sample(cb, n), rng.sample(retain, n)
@@ -328,6 +339,16 @@ def batches(cb: list[Example], retain: list[Example], batch_size: int, *, pad_id
                 cb_tokens, cb_mask, cb_loss_mask = _official_cb_layout(cb_batch, pad_id, pad_to)
                 retain_tokens, retain_mask, _ = collate(retain_batch, pad_id, "left", pad_to.retain)
             yield Batch(cb_tokens, cb_mask, retain_tokens, retain_mask, cb_loss_mask)
+
+
+def check_batch_size(cb: list[Example], retain: list[Example], batch_size: int, name: str = "batch size"):
+    """batches() draws batch_size examples of each set per batch. It is a generator, so it would refuse
+    only when the first batch is asked for: callers that must refuse before writing anything call this.
+    `name` names the setting in the message (train.py: the flag)."""
+    n = min(len(cb), len(retain))
+    if n < batch_size:
+        raise ValueError(f"{name} {batch_size} is more than the {n} examples each set can give "
+                         f"({len(cb)} circuit-breaker, {len(retain)} retain)")
 
 
 def _group(rows: list[Example], batch_size: int, bucket: int, rng: random.Random) -> list[list[Example]]:

@@ -71,6 +71,7 @@ class Tokenizer:
         # No model here has a pad token; the official code pads with eos. Padding is always masked.
         self.pad_id = self.eos_id
         self.vocab_size = model.n_vocab if kind == "tiktoken" else model.get_piece_size()
+        self.path: Path | None = None     # the file it was read from (from_pretrained sets it), for messages
 
     @classmethod
     def from_pretrained(cls, model_dir, chat_format: str | None = None) -> "Tokenizer":
@@ -86,8 +87,11 @@ class Tokenizer:
         if _is_tiktoken_file(path):
             if chat_format not in (None, "llama3"):
                 raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer cannot use chat_format {chat_format!r}")
-            return cls._from_tiktoken(path)
-        return cls._from_sentencepiece(path, model_dir if model_dir.is_dir() else path.parent, chat_format)
+            tokenizer = cls._from_tiktoken(path)
+        else:
+            tokenizer = cls._from_sentencepiece(path, model_dir if model_dir.is_dir() else path.parent, chat_format)
+        tokenizer.path = path
+        return tokenizer
 
     @classmethod
     def _from_tiktoken(cls, path: Path) -> "Tokenizer":
@@ -131,13 +135,19 @@ class Tokenizer:
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. add_generation_prompt
         appends Llama-3's assistant header; Mistral and Llama-2 prompts already end in "[/INST]".
         """
-        check_messages(messages, "messages")
+        self.check_chat(messages)
         if self.chat_format == "llama3":
             return self._llama3(messages, add_generation_prompt)
-        _check_turn_order(messages, self.chat_format)
         if self.chat_format == "mistral":
             return self._mistral(messages)
         return self._llama2(messages)
+
+    def check_chat(self, messages, where: str = "messages") -> None:
+        """What apply_chat_template needs of `messages`; a ValueError starting with `where` (a file and
+        record, for messages read from one) otherwise."""
+        check_messages(messages, where)
+        if self.chat_format != "llama3":
+            _check_turn_order(messages, self.chat_format, where)
 
     def _llama3(self, messages, add_generation_prompt):
         # <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>,
@@ -207,13 +217,13 @@ def check_messages(messages, where: str) -> None:
                              f"({', '.join(ROLES)})")
 
 
-def _check_turn_order(messages: list[dict], chat_format: str) -> None:
+def _check_turn_order(messages: list[dict], chat_format: str, where: str) -> None:
     skip = int(messages[0]["role"] == "system")
     if skip == len(messages):
-        raise ValueError(f"messages: the {chat_format} template needs a user message after the system message")
+        raise ValueError(f"{where}: the {chat_format} template needs a user message after the system message")
     for i, m in enumerate(messages[skip:], skip):
         if m["role"] != ("user", "assistant")[(i - skip) % 2]:
-            raise ValueError(f"messages[{i}]: the {chat_format} template needs an optional system message, then "
+            raise ValueError(f"{where}[{i}]: the {chat_format} template needs an optional system message, then "
                              f"user and assistant turns in alternation, starting with user; got {m['role']!r}")
 
 

@@ -13,6 +13,8 @@ gradient), then the LoRA model's states on the same tokens; the rerouting term p
 (circuit-breaker) states away from where they were, the retain term keeps the harmless states in place,
 and a schedule moves the weight from the first to the second. Outputs in <out>/: adapter/ (PEFT
 format), run.json (the resolved configuration), metrics.jsonl, and with --merge merged/ (a HF model).
+Every flag and input file is checked before anything is written to <out>: a refused run exits with one line
+naming what is wrong and leaves an earlier run's outputs as they were.
 
 The file follows the README's steps: 1 configuration, 2 model and LoRA, 3 data, 4 the loss of one step,
 5 checkpoints, 6 the loop, 7 the command line.
@@ -25,19 +27,21 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import data
 import hf
 import losses
-from lora import apply_lora, lora_disabled, lora_modules
-from model import Transformer
+from lora import TARGETS, apply_lora, lora_disabled, lora_modules
+from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -126,7 +130,8 @@ HUB_IDS = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistrala
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on other fields."""
+    """Check every value (check_values), then fill the defaults that depend on other fields."""
+    check_values(cfg)
     cfg.out = cfg.out or f"out/{cfg.model}"
     if not cfg.lora_layers:
         cfg.lora_layers = tuple(range(max(cfg.target_layers) + 1))
@@ -134,12 +139,64 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.grad_ckpt = cfg.device.startswith("cuda")
     if cfg.dtype == "auto":
         cfg.dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
-    for f in fields(cfg):
-        allowed = f.metadata["choices"]
-        if allowed and getattr(cfg, f.name) not in allowed:
-            raise ValueError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)!r}: expected one of "
-                             f"{list(allowed)}")
     return cfg
+
+
+# AdamW moves each weight by up to about lr per step, whatever the gradient's size, and LoRA weights are
+# of order 0.01 to 1: a learning rate above 1 wrecks them in one step (recipes use 1e-4 to 1e-3). Far
+# above, near 3.4e37, AdamW's first step size lr / (1 - beta1) no longer fits a float32 and it raises.
+MAX_LR = 1.0
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+POSITIVE = (lambda v: 0 < v < math.inf, "a positive finite number")  # NaN fails every comparison
+LIMITS = {
+    "threads": NOT_NEGATIVE, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lora_r": AT_LEAST_1,
+    "log_every": AT_LEAST_1, "val_batches": AT_LEAST_1, "val_every": NOT_NEGATIVE, "ckpt_every": NOT_NEGATIVE,
+    "n_ultrachat": NOT_NEGATIVE, "xstest_repeat": NOT_NEGATIVE, "bucket": NOT_NEGATIVE,
+    "lr": (lambda v: 0 < v <= MAX_LR, f"a learning rate in (0, {MAX_LR:g}]"),
+    "lora_alpha": POSITIVE, "loss_alpha": POSITIVE, "grad_clip": POSITIVE,
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
+}
+
+
+def check_values(cfg: TrainConfig):
+    """Refuse a value no run can use, naming the flag. What depends on the model (its depth, its
+    vocabulary) is checked against its config.json later, still before anything is loaded or written."""
+    for f in fields(cfg):
+        value, allowed = getattr(cfg, f.name), f.metadata["choices"]
+        if allowed and value not in allowed:
+            raise ValueError(f"{flag(f.name)} {value!r}: expected one of {list(allowed)}")
+        if f.name in LIMITS and not LIMITS[f.name][0](value):
+            raise ValueError(f"{flag(f.name)} {value}: expected {LIMITS[f.name][1]}")
+    if not cfg.target_layers or min(cfg.target_layers) < 1:
+        raise ValueError(f"{flag('target_layers')} {_show(cfg.target_layers)!r}: expected hidden-state indices "
+                         "from 1 (0 is the embeddings, which LoRA cannot move), comma-separated")
+    if cfg.lora_layers and min(cfg.lora_layers) < 0:
+        raise ValueError(f"{flag('lora_layers')} {_show(cfg.lora_layers)}: expected block indices from 0")
+    unknown = [t for t in cfg.lora_targets if t not in TARGETS]
+    if not cfg.lora_targets or unknown:
+        raise ValueError(f"{flag('lora_targets')} {_show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")
+    check_device(cfg.device)
+
+
+def check_device(device: str):
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch finds no CUDA GPU here (use --device cpu)")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
+
+
+def flag(name: str) -> str:
+    """A TrainConfig field's command-line flag: lora_r -> --lora-r."""
+    return "--" + name.replace("_", "-")
 
 
 # -----------------------------------------------------------------------------
@@ -159,6 +216,30 @@ def check_model_dir(cfg: TrainConfig):
         hint = (f"download the weights: huggingface-cli download {HUB_IDS[cfg.model]} --local-dir {path}"
                 if cfg.model in HUB_IDS else "pass --model-path DIR")
         raise FileNotFoundError(f"{path}: model directory not found; {hint}")
+
+
+def check_model(cfg: TrainConfig) -> ModelArgs:
+    """The model directory and its config.json against the layers asked for, before any weight is read."""
+    check_model_dir(cfg)
+    config_file = Path(cfg.model_path) / "config.json"
+    args = hf.model_args(hf.read_config(cfg.model_path), source=str(config_file))
+    n = args.n_layers
+    if max(cfg.target_layers) > n:
+        raise ValueError(f"--target-layers {_show(cfg.target_layers)}: expected hidden-state indices 1..{n} "
+                         f"({config_file} has {n} layers)")
+    if max(cfg.lora_layers) >= n:
+        raise ValueError(f"--lora-layers {_show(cfg.lora_layers)}: expected block indices 0..{n - 1} ({config_file} "
+                         f"has {n} blocks; without --lora-layers, LoRA goes on 0..max(--target-layers))")
+    return args
+
+
+def load_tokenizer(cfg: TrainConfig, args: ModelArgs) -> Tokenizer:
+    """The model's tokenizer; one that makes ids past the model's embedding table is refused."""
+    tokenizer = Tokenizer.from_pretrained(cfg.model_path)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but {Path(cfg.model_path) / 'config.json'}"
+                         f" gives the model {args.vocab_size} embeddings (a tokenizer for another model?)")
+    return tokenizer
 
 
 def load_model(cfg: TrainConfig) -> Transformer:
@@ -284,9 +365,16 @@ def validate(model, val_batches, cfg: TrainConfig) -> float:
 
 
 # -----------------------------------------------------------------------------
-# 5. Checkpoints: adapter (PEFT format), optimizer state and RNG state as safetensors, step in JSON.
-# Written to a temporary directory and renamed, so a kill mid-write leaves the previous one intact.
-# Batches are a pure function of (seed, step), so the step is the whole data position.
+# 5. Checkpoints: adapter (PEFT format), optimizer state and RNG state as safetensors, then the step and
+# the configuration in trainer.json, written last. Written to a temporary directory and renamed
+# (hf.atomic_dir), so a kill mid-write leaves the previous one intact. Batches are a pure function of
+# (seed, step), so the step is the whole data position.
+
+
+class Checkpoint(NamedTuple):
+    path: Path
+    step: int     # the last completed step
+    config: dict  # the TrainConfig it was written with, as JSON
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig):
@@ -303,12 +391,65 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig):
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore adapter, optimizer and RNG state; return the last completed step."""
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from (expected {path / 'trainer.json'})")
+def read_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint directory's trainer.json. It is written last: a directory whose trainer.json parses
+    is complete."""
+    file = path / "trainer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from (expected {file})")
+    state = hf.read_json(file)
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"{file}: expected an object whose 'step' is the last completed step, found {step!r}")
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"{file}: expected a 'config' object, the settings the run was made with")
+    return Checkpoint(path, step, state["config"])
+
+
+def find_checkpoint(out: Path) -> Checkpoint:
+    """The checkpoint --resume continues from: <out>/checkpoint. A kill between the two renames of
+    hf.atomic_dir leaves none, but complete directories among its temporaries: then the newest of them."""
+    ckpt = out / "checkpoint"
+    if ckpt.exists():
+        return read_checkpoint(ckpt)
+    complete = []
+    for tmp in hf.temporaries(ckpt):
+        try:
+            complete.append(read_checkpoint(tmp))
+        except (OSError, ValueError):
+            pass  # its writer was killed before it wrote trainer.json
+    if not complete:
+        raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from (expected {ckpt / 'trainer.json'})")
+    return max(complete, key=lambda c: c.step)
+
+
+# Fields that do not change what training computes, so a resumed run may change them. Every other field
+# must be the checkpoint's, or the resumed run would silently be another run (the schedule depends on
+# steps, the batches on seed and batch size, ...). A future field that changes only how a step is
+# computed, not its result (an exact micro-batch split, say), belongs here too.
+FREE_ON_RESUME = ("out", "resume", "threads", "log_every", "val_every", "val_batches", "ckpt_every", "compile",
+                  "grad_ckpt", "merge")
+
+
+def check_resumable(cfg: TrainConfig, found: Checkpoint):
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as the lists trainer.json holds
+    changed = [name for name, value in now.items()
+               if name not in FREE_ON_RESUME and (name not in found.config or found.config[name] != value)]
+    if changed:
+        def was(name):
+            return _show(found.config[name]) if name in found.config else "(not recorded)"
+        raise ValueError(f"--resume: {found.path / 'trainer.json'} was written with other settings: "
+                         + "; ".join(f"{flag(name)} {was(name)} there, {_show(now[name])} now" for name in changed)
+                         + ". Resume with the checkpoint's values, or train afresh into another --out")
+
+
+def load_checkpoint(path: Path, model, optimizer):
+    """Restore adapter, optimizer and RNG state."""
     hf.load_adapter(model, path / "adapter")
-    tensors = load_file(path / "trainer.safetensors")
+    file = path / "trainer.safetensors"
+    tensors = hf.read_safetensors(file)
+    if "rng.cpu" not in tensors:
+        raise ValueError(f"{file}: no 'rng.cpu' tensor (not a train.py checkpoint?)")
     opt_state = optimizer.state_dict()
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -319,7 +460,28 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return json.loads((path / "trainer.json").read_text())["step"]
+
+
+def put_in_place(found: Checkpoint, ckpt: Path):
+    """Make the checkpoint a run resumes from <out>/checkpoint, and remove the temporaries beside it."""
+    if found.path != ckpt:
+        os.replace(found.path, ckpt)
+    for stale in hf.temporaries(ckpt):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@torch.no_grad()
+def weights_sound(model, params, batch, cfg: TrainConfig) -> bool:
+    """Whether the trainable weights are finite and give finite states on `batch`, checked before they
+    are saved. Each step's loss is checked before its update, but the weights that update makes are
+    first run by the next step, so a checkpoint saved in between could hold diverged weights. Finite is
+    not enough: weights near 1e29 are finite, but their products overflow. So they run forward once, in
+    eval mode: no dropout, so the random stream, and the run, stay as they were. One host sync."""
+    model.eval()
+    with autocast_for(cfg):
+        _, hiddens = model(batch.cb_tokens, batch.cb_mask)
+    finite = [torch.isfinite(hiddens[-1]).all()] + [torch.isfinite(p).all() for p in params]
+    return bool(torch.stack(finite).all())
 
 
 # -----------------------------------------------------------------------------
@@ -331,34 +493,31 @@ class TrainingError(RuntimeError):
 
 
 def train(cfg: TrainConfig):
+    """Every check first (check_run), then the model, the --direction file and the checkpoint, which
+    can fail too, and only then the first write: a refused run leaves an earlier run's <out> as it was."""
     cfg = resolve(cfg)
-    out = Path(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.model == "toy":
-        import toy  # builds the toy world on first use
-        toy.ensure_world(Path(cfg.model_path).parent)
-    check_model_dir(cfg)
-    tokenizer = Tokenizer.from_pretrained(cfg.model_path)
-    cb, retain, val = load_data(cfg, tokenizer)  # fails on bad data before the model is loaded
+    tokenizer, (cb, retain, val), resume_from = check_run(cfg)
     model = load_model(cfg)
     rerouting = rerouting_term(cfg, model, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume_from:
+        load_checkpoint(resume_from.path, model, optimizer)
+    start = resume_from.step if resume_from else 0
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    start = load_checkpoint(ckpt, model, optimizer) if cfg.resume else 0
+    start_output(cfg, resume_from)
     n_params = sum(p.numel() for p in params)
     print(f"{cfg.model}: {len(model.model.layers)} blocks loaded, {len(lora_modules(model))} LoRA layers, "
           f"{n_params / 1e6:.2f}M trainable parameters, {cfg.steps} steps of {cfg.batch_size}"
           + (f", resuming after step {start}" if start else ""))
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda")
-                              and cfg.dtype == "bf16")
-    metrics_file = (out / "metrics.jsonl").open("a" if start else "w")
-    t_start, last_good = time.perf_counter(), (ckpt if start else None)
+    autocast = autocast_for(cfg)
+    metrics_file = (out / "metrics.jsonl").open("a" if resume_from else "w")
+    t_start, last_good = time.perf_counter(), (ckpt if resume_from else None)
     batches = train_batches(cfg, cb, retain, tokenizer.pad_id, start)
     for step, batch in zip(range(start + 1, cfg.steps + 1), batches):
         t0 = time.perf_counter()
@@ -367,8 +526,7 @@ def train(cfg: TrainConfig):
         with autocast:
             loss, m = step_loss(model, batch, step, cfg, rerouting)
         if not math.isfinite(m["loss"]):
-            raise TrainingError(f"step {step}: loss is {m['loss']}; stopping. Last good checkpoint: "
-                                f"{last_good or 'none (lower --lr, or set --ckpt-every)'}")
+            raise diverged(step, f"loss is {m['loss']}", last_good)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
@@ -384,7 +542,10 @@ def train(cfg: TrainConfig):
         metrics_file.flush()
         if step % cfg.log_every == 0 or step == cfg.steps:
             print(log_line(m, cfg.steps, time.perf_counter() - t_start, step - start))
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+        checkpoint_now = cfg.ckpt_every and step % cfg.ckpt_every == 0
+        if (checkpoint_now or step == cfg.steps) and not weights_sound(model, params, batch, cfg):
+            raise diverged(step, "the updated weights are not finite or give non-finite states", last_good)
+        if checkpoint_now:
             save_checkpoint(ckpt, model, optimizer, step, cfg)
             last_good = ckpt
     metrics_file.close()
@@ -395,6 +556,68 @@ def train(cfg: TrainConfig):
         hf.export_merged(cfg.model_path, model, out / "merged")
         print(f"merged model written to {out / 'merged'}")
     return model
+
+
+def check_run(cfg: TrainConfig):
+    """The checks that need no weights, before anything in <out> is touched: the output path, the
+    checkpoint and its settings (--resume), the model's config.json against the layers asked for, the
+    tokenizer against the model's vocabulary, the data, and the batch size against the data. Returns
+    (tokenizer, (circuit-breaker, retain, validation) examples, the checkpoint to resume from or None)."""
+    out = Path(cfg.out)
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a file, not a directory")
+    resume_from = find_checkpoint(out) if cfg.resume else None
+    if resume_from:
+        check_resumable(cfg, resume_from)
+    if cfg.model == "toy":
+        import toy  # builds the toy world on first use
+        toy.ensure_world(Path(cfg.model_path).parent)
+    tokenizer = load_tokenizer(cfg, check_model(cfg))
+    cb, retain, val = load_data(cfg, tokenizer)
+    data.check_batch_size(cb, retain, cfg.batch_size, name="--batch-size")
+    return tokenizer, (cb, retain, val), resume_from
+
+
+def start_output(cfg: TrainConfig, resume_from: Checkpoint | None):
+    """The first writes into <out>: run.json; for a resumed run, its checkpoint put in place and
+    metrics.jsonl cut back to the checkpoint's step, so that no step is logged twice."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "run.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if resume_from:
+        put_in_place(resume_from, out / "checkpoint")
+        keep_metrics_until(out / "metrics.jsonl", resume_from.step)
+
+
+def write_atomic(path: Path, text: str):
+    """Write under a temporary name, then rename: a kill never leaves the file half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def keep_metrics_until(path: Path, step: int):
+    """Keep the rows of steps up to `step`; drop later ones and a line that a kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, TypeError, KeyError):
+            pass  # not a whole row
+    write_atomic(path, "".join(kept))
+
+
+def diverged(step: int, what: str, last_good: Path | None) -> TrainingError:
+    return TrainingError(f"step {step}: {what}; stopping. Last good checkpoint: "
+                         f"{last_good or 'none (lower --lr, or set --ckpt-every)'}")
+
+
+def autocast_for(cfg: TrainConfig):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda") and cfg.dtype == "bf16")
 
 
 def peak_memory_mb(device: str) -> float:
@@ -425,14 +648,14 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     for f in fields(TrainConfig):
-        flag, default, choices = "--" + f.name.replace("_", "-"), defaults[f.name], f.metadata["choices"]
+        default, choices = defaults[f.name], f.metadata["choices"]
         shown = f" (default: {_show(default)})"
         if f.type in (bool, "bool", bool | None, "bool | None"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f.metadata["help"] + shown)
         else:
-            parser.add_argument(flag, type=_parser_for(f.default), default=argparse.SUPPRESS, choices=choices,
-                                help=f.metadata["help"] + shown)
+            parser.add_argument(flag(f.name), type=_parser_for(f.default), default=argparse.SUPPRESS,
+                                choices=choices, help=f.metadata["help"] + shown)
     given = vars(parser.parse_args(argv))
     return TrainConfig(**{**PRESETS[model], **given})
 
@@ -450,23 +673,29 @@ def _parser_for(default):
     """str -> value of the field's type; tuples are comma-separated."""
     if isinstance(default, tuple):
         item = type(default[0]) if default else int
-        return lambda s: tuple(item(x) for x in s.split(",") if x)
+
+        def items(s):
+            return tuple(item(x) for x in s.split(",") if x)
+        items.__name__ = f"comma-separated {item.__name__}"  # argparse's "invalid ... value" names it
+        return items
     return type(default)
 
 
 def _show(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else value
+    """A value as the command line writes it: tuples (and JSON's lists) comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
 
 
 def main(argv=None):
+    """One line on stderr and exit status 1 for a refused run, as argparse does for a bad flag."""
     cfg = parse_args(argv)
     try:
         train(cfg)
     except torch.cuda.OutOfMemoryError:
-        sys.exit("error: CUDA out of memory. Lower memory with --batch-size (e.g. 8), keep --grad-ckpt on, "
-                 "or shorten examples; see README 'Memory'.")
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("train.py: error: CUDA out of memory. Lower memory with --batch-size (e.g. 8), keep --grad-ckpt "
+                 "on, or shorten examples; see README 'Memory'.")
+    except (OSError, ValueError, TrainingError) as e:  # OSError: a missing file, or an unwritable --out
+        sys.exit(f"train.py: error: {e}")
 
 
 if __name__ == "__main__":

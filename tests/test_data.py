@@ -140,6 +140,29 @@ def test_files_that_are_not_utf8(tmp_path):
         data.load_xstest(path)
 
 
+def test_not_utf8_names_the_line(tmp_path):
+    path = write_csv(tmp_path / "x.csv", XSTEST_ROWS)
+    path.write_bytes(path.read_bytes().replace(b"Python", b"Pyth\xf6n"))  # row 1 is line 2
+    with pytest.raises(ValueError, match=r"x\.csv: not UTF-8 text \(line 2: byte 0xf6"):
+        data.load_xstest(path)
+    path = tmp_path / "cb.json"
+    path.write_bytes(json.dumps(CB_RECORDS[:3], indent=1).replace("cake 1", "cak\xe9 1").encode("latin-1"))
+    line = next(n for n, text in enumerate(path.read_bytes().splitlines(), 1) if b"\xe9" in text)
+    with pytest.raises(ValueError, match=rf"cb\.json: not UTF-8 text \(line {line}: byte 0xe9"):
+        data.load_circuit_breaker_set(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CB_RECORDS[:1]).encode())  # a BOM is no error
+    assert data.load_circuit_breaker_set(path) == CB_RECORDS[:1]
+
+
+def test_turn_order_is_checked_where_the_line_is_known(mistral, tmp_path):
+    d = write_data_dir(tmp_path)
+    lines = (d / data.ULTRACHAT).read_text().splitlines()
+    lines[2] = json.dumps({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"}]})
+    (d / data.ULTRACHAT).write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"ultrachat\.jsonl: line 3: messages\[0\]: the mistral template needs"):
+        data.build_training_sets(mistral, d, log=lambda _: None)
+
+
 def test_xstest_bad_input(tmp_path):
     path = write_csv(tmp_path / "x.csv", XSTEST_ROWS, columns=("id", "prompt", "final_label"))
     with pytest.raises(ValueError, match=r"line 1: missing column\(s\) completion \(found id, prompt, final_label\)"):
@@ -347,6 +370,9 @@ def test_official_padding_layout():
 def test_batches_need_enough_examples():
     with pytest.raises(ValueError, match="batch size 4 is more than the 3 examples"):
         next(data.batches([example(1, 1)] * 3, [example(1, 1)] * 10, 4, pad_id=0))
+    # batches() is a generator: the same check, callable before anything is written
+    with pytest.raises(ValueError, match=r"--batch-size 4 is more than the 3 examples each set can give \(3 circ"):
+        data.check_batch_size([example(1, 1)] * 3, [example(1, 1)] * 10, 4, name="--batch-size")
 
 
 def test_collate_for_validation():

@@ -213,6 +213,14 @@ def test_turn_order_refused(mistral, llama2, fmt, messages, where):
         tok.apply_chat_template(messages)
 
 
+def test_check_chat_names_where_the_messages_come_from(mistral, llama3):
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(ValueError, match=re.escape("chat.jsonl: line 7: messages[1]: the mistral template")):
+        mistral.check_chat(bad, "chat.jsonl: line 7: messages")
+    llama3.check_chat(bad, "anywhere")  # Llama-3's template takes any order
+    assert mistral.path.name == llama3.path.name == "tokenizer.model"
+
+
 @pytest.mark.parametrize("messages, match", [
     ([], "non-empty list"),
     ("hello", "non-empty list"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hf
 import losses
 import train
 from train import TrainConfig, parse_args
@@ -181,28 +182,121 @@ def test_direction_loss_reads_a_direction_file(world, tmp_path):
 # Resume
 
 
-def test_resume_after_a_kill_gives_the_identical_adapter(world, tmp_path, monkeypatch):
-    _, straight = run(world, tmp_path / "a", "--ckpt-every", "2", *FAST)
+@pytest.fixture(scope="module")
+def straight(world, tmp_path_factory):
+    """The adapter of 6 uninterrupted steps, checkpointing every 2: what every resumed run must give."""
+    _, out = run(world, tmp_path_factory.mktemp("straight"), "--ckpt-every", "2", *FAST)
+    return adapter_tensors(out)
 
+
+def killed_at(step, world, tmp_path, monkeypatch, *extra):
+    """Run until step `step` starts, then stop as if the job were killed."""
     real_step = train.step_loss
 
-    def killed_at_step_5(model, batch, step, cfg, target):
-        if step == 5:
-            raise KeyboardInterrupt  # as if the job were killed mid-run
-        return real_step(model, batch, step, cfg, target)
+    def killed(model, batch, s, cfg, target):
+        if s == step:
+            raise KeyboardInterrupt
+        return real_step(model, batch, s, cfg, target)
 
-    monkeypatch.setattr(train, "step_loss", killed_at_step_5)
+    monkeypatch.setattr(train, "step_loss", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(world, tmp_path / "b", "--ckpt-every", "2", *FAST)
+        run(world, tmp_path, "--ckpt-every", "2", *FAST, *extra)
     monkeypatch.setattr(train, "step_loss", real_step)
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise, on the CPU
+
+
+def metrics_steps(out):
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_kill_gives_the_identical_adapter(world, tmp_path, monkeypatch, straight):
+    killed_at(5, world, tmp_path / "b", monkeypatch)
     _, resumed = run(world, tmp_path / "b", "--ckpt-every", "2", "--resume", *FAST)
 
-    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    a, b = straight, adapter_tensors(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bitwise, on the CPU
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the log continues where the checkpoint left it
+
+
+def test_checkpoints_do_not_change_the_result(world, tmp_path, straight):
+    # Before each save the weights run forward once (weights_sound): without dropout, so nothing changes.
+    _, out = run(world, tmp_path, "--ckpt-every", "0", *FAST)
+    assert_identical(straight, adapter_tensors(out))
+
+
+def test_resume_logs_each_step_once(world, tmp_path, monkeypatch, straight):
+    killed_at(4, world, tmp_path, monkeypatch)  # steps 1-3 logged, the checkpoint holds step 2
+    assert metrics_steps(tmp_path / "out") == [1, 2, 3]
+    # what only logging or speed depends on may change on resume
+    _, out = run(world, tmp_path, "--ckpt-every", "3", "--log-every", "2", "--val-every", "2", "--resume", *FAST)
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert_identical(straight, adapter_tensors(out))
+
+
+def test_resume_finds_a_checkpoint_left_between_two_renames(world, tmp_path, monkeypatch, straight):
+    out = tmp_path / "out"
+    killed_at(3, world, tmp_path, monkeypatch)
+    shutil.copytree(out / "checkpoint", tmp_path / "step2")
+    killed_at(5, world, tmp_path, monkeypatch, "--resume")
+    # hf.atomic_dir killed between its renames: the old checkpoint moved aside, the new one not yet in
+    # place; beside them, a temporary whose writer was killed before trainer.json
+    (out / "checkpoint").rename(out / ".checkpoint.abc123")
+    shutil.copytree(tmp_path / "step2", out / ".checkpoint.old")
+    shutil.copytree(tmp_path / "step2", out / ".checkpoint.xyz789")
+    (out / ".checkpoint.xyz789" / "trainer.json").write_text('{"step": 6, "con')
+    _, out = run(world, tmp_path, "--ckpt-every", "2", "--resume", *FAST)
+    assert_identical(straight, adapter_tensors(out))  # resumed from step 4, the newest complete one
+    assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert hf.temporaries(out / "checkpoint") == []
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 6
+
+
+def diverging_optimizer(monkeypatch, at: int, value: float):
+    """AdamW whose update number `at` leaves every trainable weight at `value`."""
+    real = torch.optim.AdamW.step
+    calls = []
+
+    def step(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == at:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(value)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+# 1e30 is finite, but the products of such weights overflow: the forward is what shows it.
+@pytest.mark.parametrize("value", [1e30, float("nan")])
+def test_diverged_weights_are_never_saved(world, tmp_path, monkeypatch, value):
+    diverging_optimizer(monkeypatch, at=2, value=value)
+    with pytest.raises(train.TrainingError, match=r"step 2: the updated weights are not finite or give "
+                                                  r"non-finite states; stopping\. Last good checkpoint: .*checkpoint"):
+        run(world, tmp_path, "--steps", "3", "--ckpt-every", "1", *FAST)
+    out = tmp_path / "out"
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 1
+    assert not (out / "adapter").exists()
+    monkeypatch.undo()
+    _, out = run(world, tmp_path, "--steps", "3", "--ckpt-every", "1", "--resume", *FAST)
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+
+
+def test_diverged_weights_after_the_last_step_are_not_saved(world, tmp_path, monkeypatch):
+    diverging_optimizer(monkeypatch, at=2, value=1e30)
+    with pytest.raises(train.TrainingError, match="step 2: .*Last good checkpoint: none"):
+        run(world, tmp_path, "--steps", "2", "--ckpt-every", "0", *FAST)
+    assert not (tmp_path / "out" / "adapter").exists()
 
 
 # -----------------------------------------------------------------------------
