@@ -157,6 +157,8 @@ LIMITS = {
     "lora_alpha": POSITIVE, "loss_alpha": POSITIVE, "grad_clip": POSITIVE,
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
+    "lora_init_std": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
+    "retain_pad_to": AT_LEAST_1,
 }
 
 
@@ -576,6 +578,10 @@ def check_run(cfg: TrainConfig):
     tokenizer = load_tokenizer(cfg, check_model(cfg))
     cb, retain, val = load_data(cfg, tokenizer)
     data.check_batch_size(cb, retain, cfg.batch_size, name="--batch-size")
+    longest = max(len(e.tokens) for e in retain)
+    if cfg.retain_norm == "official" and longest > cfg.retain_pad_to:
+        raise ValueError(f"--retain-pad-to {cfg.retain_pad_to}: the retain set has a row of {longest} tokens; "
+                         "the official normalisation divides by a padded length at least that long")
     return tokenizer, (cb, retain, val), resume_from
 
 

@@ -341,3 +341,11 @@ def test_out_of_memory_names_the_knobs(world, tmp_path, monkeypatch):
         train.main(["--model-path", str(world / "model"), "--data-dir", str(world / "data"),
                     "--out", str(tmp_path / "o"), "--n-ultrachat", "32", "--batch-size", "4", *FAST])
     assert "--batch-size" in str(e.value.code) and "--grad-ckpt" in str(e.value.code)
+
+
+def test_retain_pad_to_shorter_than_a_retain_row_is_refused_before_writing(world, tmp_path):
+    with pytest.raises(ValueError, match="--retain-pad-to 8: the retain set has a row of"):
+        run(world, tmp_path, *FAST, "--retain-pad-to", "8")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--lora-init-std -1"):
+        train.resolve(parse_args(["--lora-init-std", "-1"]))
