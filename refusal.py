@@ -489,22 +489,33 @@ def instructions_from(path) -> list[str]:
     return texts
 
 
-def split_sets(train: list[str], val: list[str] | None, n_train: int, n_val: int, rng: random.Random, name: str):
-    """Sample n_train training and n_val validation instructions; without a validation file, hold
-    some out of the training file (never the same instruction in both)."""
-    if val is None:
-        if len(train) < 2:
-            raise ValueError(f"{name}: needs at least 2 instructions to hold some out for validation")
-        shuffled = rng.sample(train, len(train))
-        k = min(n_val, len(train) // 2)
-        val, train = shuffled[:k], shuffled[k:]
-    return rng.sample(train, min(n_train, len(train))), rng.sample(val, min(n_val, len(val)))
+def sample_sets(harmful: list[str], harmless: list[str], harmful_val: list[str] | None,
+                harmless_val: list[str] | None, n_train: int, n_val: int, seed: int, names=("harmful", "harmless")):
+    """{(kind, "train" | "val"): instructions}, drawn as the official pipeline draws them: one generator
+    seeded once, sampling harmful-train, harmless-train, harmful-val, harmless-val in that order, so the
+    same seed picks the same subsets. A kind without a validation file first holds some of its training
+    instructions out (never the same instruction in both)."""
+    rng = random.Random(seed)
+    pools = {}
+    for kind, train, val, name in (("harmful", harmful, harmful_val, names[0]),
+                                   ("harmless", harmless, harmless_val, names[1])):
+        if val is None:
+            if len(train) < 2:
+                raise ValueError(f"{name}: needs at least 2 instructions to hold some out for validation")
+            shuffled = rng.sample(train, len(train))
+            k = min(n_val, len(train) // 2)
+            val, train = shuffled[:k], shuffled[k:]
+        pools[kind, "train"], pools[kind, "val"] = train, val
+    order = (("harmful", "train"), ("harmless", "train"), ("harmful", "val"), ("harmless", "val"))
+    return {key: rng.sample(pools[key], min(n_train if key[1] == "train" else n_val, len(pools[key])))
+            for key in order}
 
 
 def filter_by_refusal(model, prompts, texts, refusal_ids, refuse: bool, batch_size, pad_id, name):
-    """The paper keeps only harmful prompts the model refuses (score > 0) and harmless ones it answers."""
+    """The paper keeps only harmful prompts the model refuses (score > 0) and harmless ones it answers
+    (score < 0); a score of exactly 0 is neither, and is dropped from both, as officially."""
     scores = refusal_score(last_logits(model, prompts, batch_size, pad_id), refusal_ids)
-    keep = [i for i, s in enumerate(scores.tolist()) if (s > 0) == refuse]
+    keep = [i for i, s in enumerate(scores.tolist()) if (s > 0 if refuse else s < 0)]
     if not keep:
         raise ValueError(f"{name}: no instruction is {'refused' if refuse else 'answered'} by the model "
                          f"(refusal token ids {refusal_ids}); check the model, the files and --refusal-text, "
@@ -523,12 +534,10 @@ def find_direction(model, model_path, harmful, harmless, *, harmful_val=None, ha
     filter_refusals keeps only the harmful instructions the model refuses and the harmless ones it
     answers; the thresholds are select_direction's."""
     tokenizer = Tokenizer.from_pretrained(model_path)
-    rng = random.Random(seed)
-    sets = {}
-    for kind, train_path, val_path in (("harmful", harmful, harmful_val), ("harmless", harmless, harmless_val)):
-        train = instructions_from(train_path)
-        val = instructions_from(val_path) if val_path else None
-        sets[kind] = split_sets(train, val, n_train, n_val, rng, train_path)
+    sets = sample_sets(instructions_from(harmful), instructions_from(harmless),
+                       instructions_from(harmful_val) if harmful_val else None,
+                       instructions_from(harmless_val) if harmless_val else None, n_train, n_val, seed,
+                       names=(harmful, harmless))
     refusal_ids = refusal_token_ids(tokenizer, refusal_texts or default_refusal_texts(model_path))
     eoi = post_instruction_tokens(tokenizer)
     log(f"refusal tokens {refusal_ids} {[tokenizer.decode([t]) for t in refusal_ids]}; "
@@ -537,7 +546,8 @@ def find_direction(model, model_path, harmful, harmless, *, harmful_val=None, ha
     pad, bs = tokenizer.pad_id, batch_size
     prompts = {}
     for kind, refuse in (("harmful", True), ("harmless", False)):
-        for split, texts in zip(("train", "val"), sets[kind]):
+        for split in ("train", "val"):
+            texts = sets[kind, split]
             ids = tokenize_instructions(tokenizer, texts)
             if filter_refusals:
                 ids, texts = filter_by_refusal(model, ids, texts, refusal_ids, refuse, bs, pad, f"{kind} {split}")

@@ -438,3 +438,22 @@ def test_cli_refuses_bad_flags_before_loading_the_model(cli_model, tmp_path, scr
     script_fails(*search, "--out", earlier, "--batch-size", 0, match="--batch-size 0: must be at least 1")
     script_fails(*search, "--out", earlier, "--device", "cuda", match="--device cuda: no CUDA GPU")
     assert earlier.read_bytes() == before
+
+
+def test_seed_42_samples_the_official_pipelines_subsets():
+    """andyrdt/refusal_direction: random.seed(42), then random.sample of harmful-train, harmless-train,
+    harmful-val and harmless-val, in that order."""
+    import random
+    splits = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "refusal_direction"
+    if not splits.is_dir():
+        pytest.skip("../shared not found: the official instruction splits live there")
+    files = {name: refusal.instructions_from(splits / f"{name}.json")
+             for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
+    random.seed(42)
+    official = {name: random.sample(files[name], n) for name, n in
+                (("harmful_train", 128), ("harmless_train", 128), ("harmful_val", 32), ("harmless_val", 32))}
+    ours = refusal.sample_sets(files["harmful_train"], files["harmless_train"], files["harmful_val"],
+                               files["harmless_val"], n_train=128, n_val=32, seed=42)
+    for name, texts in official.items():
+        kind, split = name.split("_")
+        assert ours[kind, split] == texts, name
