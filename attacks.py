@@ -255,7 +255,8 @@ def optimise_batch(model, tok, items, cfg: AttackConfig) -> list[dict]:
     mean cross-entropy of its target tokens; plain SGD on the free vectors only.
 
     The vectors are kept in fp32 and cast to the model's dtype in the forward: in bf16 an update of
-    lr * grad ~ 1e-6 would round away (the official code optimised bf16 vectors directly)."""
+    lr * grad ~ 1e-6 would round away. (The official evaluation loaded its model without a dtype, so in
+    fp32 under transformers 4.x, and its vectors were fp32 too; `--dtype fp32` reproduces that setting.)"""
     emb = model.model.embed_tokens.weight  # (V, D)
     device, dtype = emb.device, emb.dtype
     n = cfg.embed_tokens

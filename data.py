@@ -28,7 +28,8 @@ Where we leave it, and why:
     `pad_to=OFFICIAL_LENGTHS`, for timing. The masks keep padding out of the losses (the official retain
     loss also counted padded positions in its mean, which a loss can reproduce from the mask). The official
     left padding shifted the positions of a row's tokens by a constant, which RoPE attention ignores.
-  - The random choice is seeded (officially it used numpy's unseeded global generator).
+  - The random choice is drawn from our own seeded generator; officially numpy's global generator, seeded
+    with np.random.seed(42) before the dataset is built, so both are reproducible but draw differently.
   - The request goes through the chat template, which trims it (as Llama-3's template and Meta's own code
     do); the official one-shot string did not. Requests rarely carry surrounding whitespace.
   - Request and response are tokenized separately for retain too (officially only for the circuit-breaker

@@ -103,7 +103,9 @@ def coefficients(step: int, total_steps: int, alpha: float) -> tuple[float, floa
     """The official schedule -> (cb_coeff, retain_coeff), with steps counted from 1.
 
     Progress runs to 1/2, not 1: the official code divides by 300 for its 150 steps, so at the last step
-    both terms still weigh alpha / 2. The paper's alpha values were tuned with this schedule.
+    both terms still weigh alpha / 2. The paper's alpha values were tuned with this schedule. The official
+    code hard-codes 300; we divide by twice the run's steps, the same at 150 steps, and for any other
+    length (the toy's 100) the same shape, ending at alpha / 2 each.
     """
     if total_steps < 1 or step < 1:
         raise ValueError(f"coefficients: need step >= 1 and total_steps >= 1, got {step}, {total_steps}")
