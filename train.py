@@ -27,16 +27,14 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
+import checkpoint
 import data
 import hf
 import losses
@@ -367,109 +365,7 @@ def validate(model, val_batches, cfg: TrainConfig) -> float:
 
 
 # -----------------------------------------------------------------------------
-# 5. Checkpoints: adapter (PEFT format), optimizer state and RNG state as safetensors, then the step and
-# the configuration in trainer.json, written last. Written to a temporary directory and renamed
-# (hf.atomic_dir), so a kill mid-write leaves the previous one intact. Batches are a pure function of
-# (seed, step), so the step is the whole data position.
-
-
-class Checkpoint(NamedTuple):
-    path: Path
-    step: int     # the last completed step
-    config: dict  # the TrainConfig it was written with, as JSON
-
-
-def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig):
-    state = {}
-    for i, s in optimizer.state_dict()["state"].items():
-        for k, v in s.items():
-            state[f"optimizer.{i}.{k}"] = torch.as_tensor(v).cpu()
-    state["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["rng.cuda"] = torch.cuda.get_rng_state()
-    with hf.atomic_dir(path) as tmp:
-        hf.save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.model_path)
-        save_file(state, tmp / "trainer.safetensors", metadata={"format": "pt"})
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    """A checkpoint directory's trainer.json. It is written last: a directory whose trainer.json parses
-    is complete."""
-    file = path / "trainer.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from (expected {file})")
-    state = hf.read_json(file)
-    step = state.get("step") if isinstance(state, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise ValueError(f"{file}: expected an object whose 'step' is the last completed step, found {step!r}")
-    if not isinstance(state.get("config"), dict):
-        raise ValueError(f"{file}: expected a 'config' object, the settings the run was made with")
-    return Checkpoint(path, step, state["config"])
-
-
-def find_checkpoint(out: Path) -> Checkpoint:
-    """The checkpoint --resume continues from: <out>/checkpoint. A kill between the two renames of
-    hf.atomic_dir leaves none, but complete directories among its temporaries: then the newest of them."""
-    ckpt = out / "checkpoint"
-    if ckpt.exists():
-        return read_checkpoint(ckpt)
-    complete = []
-    for tmp in hf.temporaries(ckpt):
-        try:
-            complete.append(read_checkpoint(tmp))
-        except (OSError, ValueError):
-            pass  # its writer was killed before it wrote trainer.json
-    if not complete:
-        raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from (expected {ckpt / 'trainer.json'})")
-    return max(complete, key=lambda c: c.step)
-
-
-# Fields that do not change what training computes, so a resumed run may change them. Every other field
-# must be the checkpoint's, or the resumed run would silently be another run (the schedule depends on
-# steps, the batches on seed and batch size, ...). A future field that changes only how a step is
-# computed, not its result (an exact micro-batch split, say), belongs here too.
-FREE_ON_RESUME = ("out", "resume", "threads", "log_every", "val_every", "val_batches", "ckpt_every", "compile",
-                  "grad_ckpt", "merge")
-
-
-def check_resumable(cfg: TrainConfig, found: Checkpoint):
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as the lists trainer.json holds
-    changed = [name for name, value in now.items()
-               if name not in FREE_ON_RESUME and (name not in found.config or found.config[name] != value)]
-    if changed:
-        def was(name):
-            return _show(found.config[name]) if name in found.config else "(not recorded)"
-        raise ValueError(f"--resume: {found.path / 'trainer.json'} was written with other settings: "
-                         + "; ".join(f"{flag(name)} {was(name)} there, {_show(now[name])} now" for name in changed)
-                         + ". Resume with the checkpoint's values, or train afresh into another --out")
-
-
-def load_checkpoint(path: Path, model, optimizer):
-    """Restore adapter, optimizer and RNG state."""
-    hf.load_adapter(model, path / "adapter")
-    file = path / "trainer.safetensors"
-    tensors = hf.read_safetensors(file)
-    if "rng.cpu" not in tensors:
-        raise ValueError(f"{file}: no 'rng.cpu' tensor (not a train.py checkpoint?)")
-    opt_state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, i, k = key.split(".", 2)
-            opt_state["state"].setdefault(int(i), {})[k] = value.to(
-                value.device if k == "step" else next(model.parameters()).device)
-    optimizer.load_state_dict(opt_state)
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-
-
-def put_in_place(found: Checkpoint, ckpt: Path):
-    """Make the checkpoint a run resumes from <out>/checkpoint, and remove the temporaries beside it."""
-    if found.path != ckpt:
-        os.replace(found.path, ckpt)
-    for stale in hf.temporaries(ckpt):
-        shutil.rmtree(stale, ignore_errors=True)
+# 5. Checkpoints: see checkpoint.py. Before one is saved, the weights are checked.
 
 
 @torch.no_grad()
@@ -506,7 +402,7 @@ def train(cfg: TrainConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from:
-        load_checkpoint(resume_from.path, model, optimizer)
+        checkpoint.load_checkpoint(resume_from.path, model, optimizer)
     start = resume_from.step if resume_from else 0
 
     out = Path(cfg.out)
@@ -548,7 +444,7 @@ def train(cfg: TrainConfig):
         if (checkpoint_now or step == cfg.steps) and not weights_sound(model, params, batch, cfg):
             raise diverged(step, "the updated weights are not finite or give non-finite states", last_good)
         if checkpoint_now:
-            save_checkpoint(ckpt, model, optimizer, step, cfg)
+            checkpoint.save_checkpoint(ckpt, model, optimizer, step, cfg)
             last_good = ckpt
     metrics_file.close()
 
@@ -569,9 +465,9 @@ def check_run(cfg: TrainConfig):
     for path in (out, *out.parents):
         if path.exists() and not path.is_dir():
             raise ValueError(f"--out {out}: {path} is a file, not a directory")
-    resume_from = find_checkpoint(out) if cfg.resume else None
+    resume_from = checkpoint.find_checkpoint(out) if cfg.resume else None
     if resume_from:
-        check_resumable(cfg, resume_from)
+        checkpoint.check_resumable(cfg, resume_from)
     if cfg.model == "toy":
         import toy  # builds the toy world on first use
         toy.ensure_world(Path(cfg.model_path).parent)
@@ -585,15 +481,15 @@ def check_run(cfg: TrainConfig):
     return tokenizer, (cb, retain, val), resume_from
 
 
-def start_output(cfg: TrainConfig, resume_from: Checkpoint | None):
+def start_output(cfg: TrainConfig, resume_from: checkpoint.Checkpoint | None):
     """The first writes into <out>: run.json; for a resumed run, its checkpoint put in place and
     metrics.jsonl cut back to the checkpoint's step, so that no step is logged twice."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "run.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if resume_from:
-        put_in_place(resume_from, out / "checkpoint")
-        keep_metrics_until(out / "metrics.jsonl", resume_from.step)
+        checkpoint.put_in_place(resume_from, out / "checkpoint")
+        checkpoint.keep_metrics_until(out / "metrics.jsonl", resume_from.step)
 
 
 def write_atomic(path: Path, text: str):
@@ -601,20 +497,6 @@ def write_atomic(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def keep_metrics_until(path: Path, step: int):
-    """Keep the rows of steps up to `step`; drop later ones and a line that a kill cut short."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, TypeError, KeyError):
-            pass  # not a whole row
-    write_atomic(path, "".join(kept))
 
 
 def diverged(step: int, what: str, last_good: Path | None) -> TrainingError:
