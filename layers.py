@@ -109,9 +109,10 @@ def write_layers(result: dict, out: Path):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(result["layers"], result["harmful"], marker="o", label=f"harmful ({result['n_harmful']})")
     ax.plot(result["layers"], result["benign"], marker="o", label=f"benign ({result['n_benign']})")
+    ax.set_xticks(result["layers"])
     ax.set_xlabel("hidden state (0 = embeddings)")
     ax.set_ylabel("cosine, base vs circuit-broken")
-    ax.set_ylim(-0.1, 1.05)
+    ax.set_ylim(min(-0.1, *result["harmful"], *result["benign"]) - 0.05, 1.05)  # rerouted states go below 0
     ax.legend()
     fig.tight_layout()
     png = out.with_suffix(".png")
