@@ -1,7 +1,7 @@
 """
 Evaluate a model, with or without circuit breakers: attack success rate (ASR) under the attacks of
-attacks.py, the HarmBench classifier run on our own model.py, over-refusal, the paper's layer analysis,
-perplexity, and the toy world. One command per evaluation:
+attacks.py, the HarmBench classifier run on our own model.py, over-refusal, the paper's layer analysis
+(layers.py), perplexity, and the toy world (toy_eval.py). One command per evaluation:
 
     # HarmBench: an attack, then a judge (--adapter: a PEFT adapter from train.py; or pass a merged export)
     python eval.py harmbench --model-path checkpoints/Meta-Llama-3-8B-Instruct --adapter out/llama3/adapter \\
@@ -14,6 +14,7 @@ perplexity, and the toy world. One command per evaluation:
     python eval.py toy --adapter out/toy/adapter --out out/toy/eval.json
     # The paper's analysis: cosine between base and circuit-broken residual states, layer by layer
     python eval.py layers --model-path DIR --adapter DIR --data data/circuit_breakers_val.json --out layers.csv
+    python eval.py layers --toy-root toy --adapter out/toy/adapter --out out/toy/layers.csv   # the toy's texts
     # Benign capability, cheaply: held-out chat perplexity, base versus circuit-broken
     python eval.py perplexity --model-path DIR --adapter DIR --data held_out_chat.jsonl
 
@@ -34,14 +35,14 @@ import torch.nn.functional as F
 
 import cli
 import hf
-import refusal
 import toy
-from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_ablate, attack_config, attack_direct,
-                     attack_embed, attack_jailbreak, attack_prefill, chat_prompt, generate_texts, load_model,
-                     read_direction, release, run_attack)
-from data import load_circuit_breaker_set, load_harmbench, load_ultrachat, pad
+from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, attack_direct, chat_prompt,
+                     generate_texts, load_model, read_direction, release, run_attack)
+from data import load_harmbench, load_ultrachat
+from layers import evaluate_layers, layers_table, padded, write_layers
 from lora import lora_disabled
 from tokenizer import Tokenizer
+from toy_eval import TOY_CONFIG, evaluate_toy, evaluate_toy_layers, toy_table
 
 # -----------------------------------------------------------------------------
 # 1. Benchmarks
@@ -330,107 +331,7 @@ def xstest_table(result: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# 5. The layer analysis: how far the circuit breaker moves the residual stream, layer by layer.
-#
-# For each text, the base model (adapter off) and the circuit-broken model (adapter on) read the same
-# tokens; the cosine between their states is averaged over the response tokens, at every hidden-state
-# index l = 0..L. The paper reports it collapsing from the first target layer on for harmful text, and
-# staying near 1 for benign text.
-
-
-def chat_examples(tok, pairs, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(request, response) pairs -> (token ids, response mask), capped in length."""
-    out = []
-    for request, response in pairs:
-        prompt = chat_prompt(tok, [{"role": "user", "content": request}])
-        ids = (prompt + tok.encode(response))[:max_length]
-        if len(ids) > len(prompt):
-            out.append((ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
-    return out
-
-
-def padded(examples, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids, mask) examples -> tokens, attention mask and the examples' masks, each (B, T), right-padded."""
-    tokens = pad([ids for ids, _ in examples], 0)
-    mask = pad([[1] * len(ids) for ids, _ in examples], 0)
-    keep = pad([m for _, m in examples], 0)
-    return tokens.to(device), mask.to(device), keep.to(device)
-
-
-@torch.no_grad()
-def layer_cosines(model, examples, batch_size: int) -> list[float]:
-    """Mean cosine(base state, circuit-broken state) over response tokens, per hidden-state index."""
-    n_hidden = len(model.model.layers) + 1
-    total, count = torch.zeros(n_hidden, dtype=torch.float64), 0
-    device = model.model.embed_tokens.weight.device
-    for start in range(0, len(examples), batch_size):
-        tokens, mask, response = padded(examples[start:start + batch_size], device)
-        with lora_disabled(model):
-            _, base = model(tokens, mask, last_layer=n_hidden - 1)
-        _, broken = model(tokens, mask, last_layer=n_hidden - 1)
-        keep = response.bool()  # (B, T)
-        for l in range(n_hidden):
-            cos = F.cosine_similarity(base[l][keep].float(), broken[l][keep].float(), dim=-1)  # (N,)
-            total[l] += cos.double().sum().cpu()
-        count += int(keep.sum())
-    return (total / max(count, 1)).tolist()
-
-
-def evaluate_layers(model_path, adapter, data, *, benign=None, limit=100, max_length=1024, batch_size=8,
-                    device="cpu", dtype="auto") -> dict:
-    """Layer cosines on `limit` texts of a circuit-breaker set (`data`) and of benign chat (`benign`,
-    default: ultrachat.jsonl beside `data`)."""
-    harmful = load_circuit_breaker_set(data)
-    benign_path = Path(benign) if benign else Path(data).parent / "ultrachat.jsonl"
-    if not benign_path.is_file():
-        raise FileNotFoundError(f"{benign_path}: no benign chat file; pass --benign FILE (UltraChat JSONL)")
-    chats = load_ultrachat(benign_path, limit=limit)
-    model, tok = load_model(model_path, adapter, hf.pick_dtype(dtype, device), device, merge=False)
-    sets = {"harmful": chat_examples(tok, [(r["prompt"], r["output"]) for r in harmful[:limit]], max_length),
-            "benign": chat_examples(tok, [(c["messages"][0]["content"], c["messages"][1]["content"])
-                                          for c in chats], max_length)}
-    cosines = {name: layer_cosines(model, ex, batch_size) for name, ex in sets.items()}
-    return {"layers": list(range(len(cosines["harmful"]))), **cosines,
-            "n_harmful": len(sets["harmful"]), "n_benign": len(sets["benign"])}
-
-
-def write_layers(result: dict, out: Path):
-    """The CSV, and a PNG beside it when matplotlib is installed (-> its path, else None)."""
-    with cli.atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "harmful_cosine", "benign_cosine"])
-        for l, h, b in zip(result["layers"], result["harmful"], result["benign"]):
-            w.writerow([l, f"{h:.6f}", f"{b:.6f}"])
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(result["layers"], result["harmful"], marker="o", label=f"harmful ({result['n_harmful']})")
-    ax.plot(result["layers"], result["benign"], marker="o", label=f"benign ({result['n_benign']})")
-    ax.set_xlabel("hidden state (0 = embeddings)")
-    ax.set_ylabel("cosine, base vs circuit-broken")
-    ax.set_ylim(-0.1, 1.05)
-    ax.legend()
-    fig.tight_layout()
-    png = out.with_suffix(".png")
-    with cli.atomic_file(png) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return png
-
-
-def layers_table(result: dict) -> str:
-    lines = [f"{'layer':>5} {'harmful':>8} {'benign':>8}"]
-    lines += [f"{l:>5} {h:>8.3f} {b:>8.3f}" for l, h, b in zip(result["layers"], result["harmful"], result["benign"])]
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# 6. Perplexity on held-out chat: the cheap check that benign answers are still likely
+# 5. Perplexity on held-out chat: the cheap check that benign answers are still likely
 
 
 def conversation_examples(tok, conversations, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -485,105 +386,7 @@ def evaluate_perplexity(model_path, adapter, data, *, limit=100, max_length=1024
 
 
 # -----------------------------------------------------------------------------
-# 7. The toy world: base and circuit-broken model, every attack, the toy judge
-
-
-TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr", "ablate_asr")
-# Every toy answer fits in 64 tokens, and the whole held-out set fits in one batch.
-TOY_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64)
-
-
-def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = None, device="cpu", direction=None,
-                 log=print) -> dict:
-    """{"base": {...}, "circuit_breaker": {...}} (the latter only with an adapter), each with
-    benign_accuracy and the ASR of every attack on the held-out harmful items. ablate_asr uses the
-    refusal direction of the base model: the file `direction`, or else the one refusal.py finds here."""
-    root = Path(toy_root)
-    world = toy.load_world(root) if (root / "world.json").is_file() else toy.ensure_world(root, log=log)
-    cfg = cfg or TOY_CONFIG
-    model_path = root / "model"
-    if adapter is not None:
-        hf.check_adapter(adapter, model_path)
-    if direction is not None:
-        direction = refusal.load_direction(direction, hf.model_args(hf.read_config(model_path)))
-    harmful = [{**e, "messages": [{"role": "user", "content": e["behavior"]}], "target": e["default_target"],
-                "context": None} for e in world["harmful_eval"]]
-    benign = [{**e, "messages": [{"role": "user", "content": e["question"]}]} for e in world["benign_eval"]]
-
-    out = {}
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        # A model this small gains nothing from threads, whose handshakes cost up to 30x on a busy CPU.
-        torch.set_num_threads(1)
-    try:
-        for name, path in (("base", None), ("circuit_breaker", adapter)):
-            if name == "circuit_breaker" and adapter is None:
-                break
-            log(f"toy evaluation: {name}")
-            model, tok = load_model(model_path, path, torch.float32, device)
-            if direction is None and name == "base":
-                direction = toy_direction(model, model_path, root, log)
-            out[name] = toy_metrics(model, tok, world, harmful, benign, cfg, direction)
-            del model
-            release()
-    finally:
-        torch.set_num_threads(threads)
-    return out
-
-
-def toy_metrics(model, tok, world, harmful, benign, cfg, direction) -> dict:
-    def asr(results):
-        return sum(toy.judge(r["generation"], it) for it, r in zip(harmful, results)) / len(harmful)
-
-    def accuracy(dishes: bool):
-        scored = [toy.answered(r["generation"], it) for it, r in zip(benign, answers)
-                  if (it["family"] == "dish") == dishes]
-        return sum(scored) / max(len(scored), 1)
-
-    # Capability (facts, word tasks) and over-refusal (harmless recipe requests worded like the harmful
-    # ones: the toy's XSTest) are reported apart, as the paper reports MMLU and XSTest apart.
-    answers = attack_direct(model, tok, benign, cfg)
-    m = {"benign_accuracy": accuracy(dishes=False), "dish_accuracy": accuracy(dishes=True),
-         "direct_asr": asr(attack_direct(model, tok, harmful, cfg)),
-         "jailbreak_asr": asr(attack_jailbreak(model, tok, harmful, cfg, world["jailbreak_template"])),
-         "prefill_asr": asr(attack_prefill(model, tok, harmful, cfg)),
-         "embed_asr": asr(attack_embed(model, tok, harmful, cfg))}
-    if direction is not None:
-        m["ablate_asr"] = asr(attack_ablate(model, tok, harmful, cfg, direction))
-    n_dishes = sum(it["family"] == "dish" for it in benign)
-    return {**m, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes}
-
-
-# refusal.py's filters, loosened for a 4-block model (README.md): it decides to refuse at its last block's
-# input, and no direction that leaves harmless answers alone also induces refusal when added.
-TOY_DIRECTION_FILTERS = {"prune_layer_fraction": 0.0, "kl_threshold": 0.5, "induce_refusal_threshold": -math.inf}
-
-
-def toy_direction(model, model_path, root, log):
-    """The base toy model's refusal direction, found with refusal.py on the world's instruction files;
-    None (and no ablate_asr) when refusal.py finds no direction."""
-    files = root / "data" / "refusal_direction"
-    try:
-        sel = refusal.find_direction(model, model_path, files / "harmful_train.json", files / "harmless_train.json",
-                                     harmful_val=files / "harmful_val.json", harmless_val=files / "harmless_val.json",
-                                     log=lambda *a: None, **TOY_DIRECTION_FILTERS)
-    except ValueError as e:
-        log(f"toy evaluation: no refusal direction ({e}); ablate_asr left out")
-        return None
-    log(f"toy evaluation: refusal direction at layer {sel.layer}, position {sel.position}")
-    return sel.refusal_direction()
-
-
-def toy_table(result: dict) -> str:
-    names = list(result)
-    metrics = [m for m in TOY_METRICS if all(m in result[n] for n in names)]
-    lines = [f"{'':<16}" + "".join(f"{n:>17}" for n in names)]
-    lines += [f"{m:<16}" + "".join(f"{result[n][m]:>17.2f}" for n in names) for m in metrics]
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# 8. Command line: one parser, a command per evaluation; a flag feeds the parameter of its name (cli.call)
+# 6. Command line: one parser, a command per evaluation; a flag feeds the parameter of its name (cli.call)
 
 
 def parse_args(argv):
@@ -622,8 +425,10 @@ def parse_args(argv):
     add_attack_flags(c, TOY_CONFIG)
 
     c, d = command("layers", "cosine of base and circuit-broken states, layer by layer", evaluate_layers)
-    add_analysis_flags(c, d, "circuit-breaker set JSON (harmful prompt + output)")
+    add_analysis_flags(c, d, "circuit-breaker set JSON (harmful prompt + output)", required=False)
     c.add_argument("--benign", help="benign chat JSONL (default: ultrachat.jsonl beside --data)")
+    c.add_argument("--toy-root", help="a toy world, in place of --model-path, --data and --benign: its model, "
+                   "its held-out harmful requests with their recipes, its held-out benign questions with answers")
     c.add_argument("--out", default="layers.csv", help="CSV to write (a PNG beside it with matplotlib)")
 
     c, d = command("perplexity", "held-out chat perplexity, base and circuit-broken", evaluate_perplexity)
@@ -632,8 +437,8 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def add_model_flags(p, adapter_required=False):
-    p.add_argument("--model-path", required=True, help="base model directory (HF format)")
+def add_model_flags(p, adapter_required=False, required=True):
+    p.add_argument("--model-path", required=required, help="base model directory (HF format)")
     p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory from train.py")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES], help="auto: bf16 on CUDA, fp32 on CPU")
@@ -644,9 +449,9 @@ def add_slice_flags(p, defaults, what: str):
     p.add_argument("--limit", type=int, default=defaults["limit"], help=f"number of {what}s (default: all)")
 
 
-def add_analysis_flags(p, defaults, data: str):
-    add_model_flags(p, adapter_required=True)
-    p.add_argument("--data", required=True, help=data)
+def add_analysis_flags(p, defaults, data: str, required=True):
+    add_model_flags(p, adapter_required=True, required=required)
+    p.add_argument("--data", required=required, help=data)
     p.add_argument("--limit", type=int, default=defaults["limit"], help="texts per set")
     p.add_argument("--max-length", type=int, default=defaults["max_length"])
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"])
@@ -674,7 +479,7 @@ def run(args):
         result = cli.call(evaluate_toy, args, cfg=attack_config(args, TOY_CONFIG))
         print(toy_table(result))
     elif args.command == "layers":
-        result = cli.call(evaluate_layers, args)
+        result = cli.call(evaluate_toy_layers if args.toy_root else evaluate_layers, args)
         print(layers_table(result))
     else:
         result = cli.call(evaluate_perplexity, args)
@@ -688,10 +493,21 @@ def run(args):
         print(f"wrote {args.out}")
 
 
+def check_layers_source(args):
+    """`layers` reads a model and data files, or a toy world in their place: one or the other."""
+    given = [cli.as_flag(dest) for dest in ("model_path", "data", "benign") if getattr(args, dest)]
+    if args.toy_root and given:
+        raise ValueError(f"--toy-root replaces {', '.join(given)}; pass one or the other")
+    if not args.toy_root and not (args.model_path and args.data):
+        raise ValueError("layers needs --model-path and --data, or --toy-root (a toy world)")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cli.check_flags(args, MINIMUMS, {"out": False})  # a bad --out would fail only after the generation
+        if args.command == "layers":
+            check_layers_source(args)
         run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"eval.py: error: {e}")

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,3 +26,22 @@ def script_fails():
         assert proc.stderr.startswith(f"{script}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert match in proc.stderr, proc.stderr
     return check
+
+
+TOY_SEED = 0  # the seed of the small world below; tests/test_toy.py rebuilds parts of it with this seed
+
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    """The small toy world's directory, its model pretrained for 3 steps only (seconds, where the real
+    400 take minutes): enough for formats, splits, reproducibility and the evaluation's plumbing, and
+    shared by every test that reads one. The trained model's behaviour is tests/test_toy_e2e.py's subject."""
+    import toy
+
+    root = tmp_path_factory.mktemp("toy") / "toy"
+    toy.SIZES["short"] = dataclasses.replace(toy.SIZES["small"], steps=3)
+    try:
+        toy.build_world(root, size="short", seed=TOY_SEED, log=lambda _: None)
+    finally:
+        del toy.SIZES["short"]
+    return root

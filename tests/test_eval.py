@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attacks  # noqa: E402
 import eval as ev  # noqa: E402
 import hf  # noqa: E402
+import layers  # noqa: E402
 import lora  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -344,11 +345,11 @@ def test_xstest_prompts_split_safe_and_unsafe():
 def test_layer_cosines_and_perplexity_of_a_zero_adapter(tiny):
     m = hf.load_pretrained(tiny, dtype=torch.float32).eval().requires_grad_(False)
     lora.apply_lora(m, r=2, alpha=2, dropout=0.0, layers=[0, 1])
-    examples = ev.chat_examples(TOK, [("How do I cook rice?", "Boil it."), ("Hi", "Hello there")], 64)
-    assert ev.layer_cosines(m, examples, batch_size=2) == pytest.approx([1.0] * 3, abs=1e-5)
+    examples = layers.chat_examples(TOK, [("How do I cook rice?", "Boil it."), ("Hi", "Hello there")], 64)
+    assert layers.layer_cosines(m, examples, batch_size=2) == pytest.approx([1.0] * 3, abs=1e-5)
     for mod in lora.lora_modules(m).values():
         torch.nn.init.normal_(mod.lora_B.weight, std=1.0)
-    cos = ev.layer_cosines(m, examples, batch_size=1)
+    cos = layers.layer_cosines(m, examples, batch_size=1)
     assert cos[0] == pytest.approx(1.0) and cos[-1] < 0.999
     chats = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]}]

@@ -17,21 +17,14 @@ import hf
 import toy
 from tokenizer import Tokenizer
 
-SEED = 0
+SEED = 0  # conftest.py's TOY_SEED: the small world's
 
 
 @pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    """The small world's files, with a model pretrained for 3 steps only: these tests are about formats,
-    splits and reproducibility. The trained model's behaviour is tests/test_toy_e2e.py's subject."""
-    root = tmp_path_factory.mktemp("toy") / "toy"
-    small = toy.SIZES["small"]
-    toy.SIZES["short"] = dataclasses.replace(small, steps=3)
-    try:
-        toy.build_world(root, size="short", seed=SEED, log=lambda _: None)
-    finally:
-        del toy.SIZES["short"]
-    return root
+def world_dir(toy_world):
+    """conftest.py's small world: its files are real, its model pretrained for 3 steps only, since these
+    tests are about formats, splits and reproducibility."""
+    return toy_world
 
 
 @pytest.fixture(scope="module")

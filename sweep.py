@@ -1,0 +1,170 @@
+"""
+A seed sweep on the toy world: train circuit breakers once per seed, evaluate each adapter, and report
+every metric's spread over the seeds. One toy run is one draw: README says how far a seed can move the
+toy's numbers, so a new loss or setting is judged on a sweep, not on a run.
+
+    python sweep.py --seeds 1,2,3,4,5 --out out/sweep/sweep.json                 # the toy preset
+    python sweep.py --seeds 1,2,3 --loss eot --lr 5e-4 --out out/eot/sweep.json  # any train.py flag
+
+Each seed trains `train.py --model toy` (unless --model is given) with the other flags as they are, into
+<out's folder>/seed<S>/, and is evaluated by toy_eval.py. The base model is evaluated once, and its
+refusal direction found once and used for every seed's ablate attack, so the seeds differ only in their
+training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
+
+    {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
+     "direction": {"layer": 3, "position": -1} or null,
+     "summary": {metric: {"mean", "min", "max", "n", "base"}},
+     "base": <toy_eval.evaluate_toy's "base">,
+     "runs": [{"seed": 1, "out": "out/sweep/seed1", "circuit_breaker": <its "circuit_breaker">}, ...],
+     "timings": {"base_eval_seconds": s, "seeds": [{"seed": 1, "train_seconds": s, "eval_seconds": s}, ...]}}
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import cli
+import toy
+import train
+from attacks import AttackConfig
+from toy_eval import TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
+
+# -----------------------------------------------------------------------------
+# 1. The flags: the sweep's own, and train.py's, checked for every seed before anything is trained
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3") from None
+
+
+def train_configs(seeds: list[int], train_args: list[str], out: Path) -> dict[int, train.TrainConfig]:
+    """{seed: the run's train.TrainConfig}; train.py's own checks run here, before any training."""
+    taken = [f for f in ("--seed", "--out") if any(a == f or a.startswith(f + "=") for a in train_args)]
+    if taken:
+        raise ValueError(f"{taken[0]}: the sweep sets each run's; use --seeds, and --out for the results file")
+    if "--model" not in train_args and not any(a.startswith("--model=") for a in train_args):
+        train_args = ["--model", "toy", *train_args]
+    return {s: train.resolve(train.parse_args([*train_args, "--seed", str(s), "--out", str(out.parent / f"seed{s}")]))
+            for s in seeds}
+
+
+def toy_root(cfg: train.TrainConfig) -> Path:
+    """The toy world the runs train on (the one that holds --model-path), built if the preset is toy's."""
+    root = Path(cfg.model_path).parent
+    if cfg.model == "toy":
+        toy.ensure_world(root)
+    if not (root / "world.json").is_file():
+        raise ValueError(f"--model-path {cfg.model_path}: not the model of a toy world (no {root / 'world.json'}); "
+                         "the sweep evaluates on the toy world")
+    return root
+
+
+# -----------------------------------------------------------------------------
+# 2. The sweep
+
+
+def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | None = None, log=print) -> dict:
+    """Train and evaluate once per seed (see the module's docstring) -> the JSON's dict, also written to `out`."""
+    out, cfg = Path(out), cfg or TOY_CONFIG
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
+    cli.check_output(out, "--out")
+    configs = train_configs(seeds, list(train_args), out)
+    first = configs[seeds[0]]
+    root = toy_root(first)
+    threads = torch.get_num_threads()  # the toy preset sets one thread for its run; the caller keeps its own
+    try:
+        t0 = time.perf_counter()
+        direction = base_direction(root, first.device, log)
+        base = evaluate_toy(root, cfg=cfg, device=first.device, direction=direction, search=False, log=log)["base"]
+        found = None if direction is None else {"layer": direction.layer, "position": direction.position}
+        result = {"seeds": list(seeds), "train_flags": list(train_args), "world": str(root),
+                  "target_layer": max(first.target_layers), "direction": found, "summary": {}, "base": base,
+                  "runs": [], "timings": {"base_eval_seconds": round(time.perf_counter() - t0, 1), "seeds": []}}
+        for i, (seed, run_cfg) in enumerate(configs.items()):
+            log(f"sweep: seed {seed} ({i + 1}/{len(seeds)})")
+            record, seconds = train_and_evaluate(run_cfg, root, direction, cfg, log)
+            result["runs"].append(record)
+            result["timings"]["seeds"].append({"seed": seed, **seconds})
+            result["summary"] = summarize(result)
+            cli.write_json(out, result)
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+def train_and_evaluate(run_cfg, root, direction, cfg, log) -> tuple[dict, dict]:
+    """One seed: its run's record for the JSON, and its train and eval seconds."""
+    t0 = time.perf_counter()
+    train.train(run_cfg)
+    t1 = time.perf_counter()
+    evaluation = evaluate_toy(root, Path(run_cfg.out) / "adapter", cfg=cfg, device=run_cfg.device,
+                              direction=direction, search=False, models=("circuit_breaker",), log=log)
+    seconds = {"train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
+    return {"seed": run_cfg.seed, "out": run_cfg.out, **evaluation}, seconds
+
+
+# -----------------------------------------------------------------------------
+# 3. The summary: each metric's mean and range over the seeds, beside the base model's value
+
+
+def metric_values(evaluation: dict, target_layer: int) -> dict:
+    """One evaluation's numbers: its rates, and its layer cosines at the deepest target layer."""
+    values = {m: evaluation[m] for m in TOY_METRICS if m in evaluation}
+    for name, cosines in evaluation.get("layer_cos", {}).items():
+        values[f"{name}_cos_{target_layer}"] = cosines[target_layer]
+    return values
+
+
+def summarize(result: dict) -> dict:
+    layer = result["target_layer"]
+    runs = [metric_values(r["circuit_breaker"], layer) for r in result["runs"]]
+    base = metric_values(result["base"], layer)
+    summary = {}
+    for metric in dict.fromkeys(m for r in runs for m in r):  # in the evaluation's order
+        values = [r[metric] for r in runs if metric in r]
+        summary[metric] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                           "n": len(values), "base": base.get(metric)}  # the base's cosine is 1 by definition
+    return summary
+
+
+def summary_table(result: dict) -> str:
+    lines = [f"{'':<20}{'base':>6}   circuit_breaker over seeds: mean [min, max]"]
+    for metric, s in result["summary"].items():
+        base = "-" if s["base"] is None else f"{s['base']:.2f}"
+        lines.append(f"{metric:<20}{base:>6}   {s['mean']:.2f} [{s['min']:.2f}, {s['max']:.2f}]  n={s['n']}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 4. The command line
+
+
+def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
+    """The sweep's flags, and the rest: train.py's flags, passed through."""
+    p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False, description=__doc__,
+                                usage="%(prog)s --seeds S,S,... --out FILE.json [train.py flags]",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", required=True, help="comma-separated seeds, one training run each")
+    p.add_argument("--out", required=True, help="results JSON; each run trains into seed<S>/ beside it")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None):
+    args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run(parse_seeds(args.seeds), train_args, args.out)
+    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+        sys.exit(f"sweep.py: error: {e}")
+    print(summary_table(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

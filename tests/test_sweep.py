@@ -1,0 +1,87 @@
+"""sweep.py on the small world (conftest.py), two seeds of 3 steps: the base model evaluated once, its
+refusal direction searched once, each seed trained and evaluated, the JSON written whole, the table;
+bad flags refused before anything is trained."""
+
+import json
+
+import pytest
+
+import sweep
+import toy
+import toy_eval
+from test_toy_eval import FAST, stand_in_search
+
+SEEDS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def swept(toy_world, tmp_path_factory):
+    """-> (the sweep's result, its JSON file, the models refusal.py's search ran on)."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep" / "sweep.json"
+    search, searches = stand_in_search(toy_world)
+    flags = ["--model-path", str(toy_world / "model"), "--data-dir", str(toy_world / "data"), "--steps", "3"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(toy_eval, "toy_direction", search)
+        result = sweep.run(SEEDS, flags, out, cfg=FAST, log=lambda *a: None)
+    return result, out, searches
+
+
+def test_base_evaluated_once_and_each_seed_trained_and_evaluated(swept, toy_world):
+    result, out, searches = swept
+    assert searches == [toy_world / "model"]  # one direction, for the base model and every seed's ablate attack
+    assert result["seeds"] == SEEDS and [r["seed"] for r in result["runs"]] == SEEDS
+    assert "layer_cos" not in result["base"] and "ablate_asr" in result["base"]
+    n_layers = toy.SIZES["small"].n_layers
+    for run in result["runs"]:
+        assert list(run) == ["seed", "out", "circuit_breaker"]
+        cb = run["circuit_breaker"]
+        assert "ablate_asr" in cb and len(cb["layer_cos"]["harmful"]) == n_layers + 1 and cb["generations"]
+        config = json.loads((out.parent / f"seed{run['seed']}" / "run.json").read_text())
+        assert config["seed"] == run["seed"] and config["steps"] == 3 and config["model"] == "toy"
+        assert (out.parent / f"seed{run['seed']}" / "adapter" / "adapter_model.safetensors").is_file()
+    assert [t["seed"] for t in result["timings"]["seeds"]] == SEEDS
+    assert all(t["train_seconds"] >= 0 and t["eval_seconds"] >= 0 for t in result["timings"]["seeds"])
+
+
+def test_json_is_the_result(swept):
+    result, out, _ = swept
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["train_flags"][-2:] == ["--steps", "3"] and result["target_layer"] == 3
+    assert result["direction"] == {"layer": 2, "position": -1}
+
+
+def test_summary_spans_the_seeds_beside_the_base(swept):
+    result, _, _ = swept
+    summary = result["summary"]
+    assert list(summary) == [*toy_eval.TOY_METRICS, "harmful_cos_3", "benign_cos_3"]
+    for metric, s in summary.items():
+        values = [r["circuit_breaker"]["layer_cos"][metric.split("_")[0]][3] if "_cos_" in metric
+                  else r["circuit_breaker"][metric] for r in result["runs"]]
+        assert s["n"] == 2 and (s["min"], s["max"]) == (min(values), max(values))
+        assert s["mean"] == pytest.approx(sum(values) / 2)
+        assert s["base"] == (None if "_cos_" in metric else result["base"][metric])
+    table = sweep.summary_table(result)
+    assert all(metric in table for metric in summary) and table.count("n=2") == len(summary)
+
+
+def test_flags_the_sweep_sets_itself_are_refused(toy_world, tmp_path):
+    for flag in ("--seed", "--out"):
+        with pytest.raises(ValueError, match=f"{flag}: the sweep sets"):
+            sweep.run([1], ["--model-path", str(toy_world / "model"), flag, "3"], tmp_path / "s.json")
+    with pytest.raises(ValueError, match="different seeds"):
+        sweep.run([1, 1], [], tmp_path / "s.json")
+    with pytest.raises(ValueError, match="comma-separated integers"):
+        sweep.parse_seeds("1,x")
+    with pytest.raises(ValueError, match="not the model of a toy world"):
+        sweep.run([1], ["--model", "llama3", "--model-path", str(tmp_path / "m" / "model")], tmp_path / "s.json")
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("out, match", [("{tmp}", "is a directory; expected a file"),
+                                        ("{file}/sweep.json", "is a file, not a directory")])
+def test_cli_refuses_a_bad_out_before_training(toy_world, tmp_path, script_fails, out, match):
+    (tmp_path / "file").write_text("x")
+    out = out.format(tmp=tmp_path, file=tmp_path / "file")
+    script_fails("sweep.py", "--seeds", "1,2", "--model-path", toy_world / "model", "--data-dir", toy_world / "data",
+                 "--out", out, match=match)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -1,0 +1,160 @@
+"""toy_eval.py on the small world (conftest.py): the evaluation keeps its evidence (every generation,
+judged; the counts behind each rate) and the layer picture, generation still runs on merged weights,
+and eval.py's `layers` command reads a toy world. The numbers themselves are tests/test_toy_e2e.py's."""
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+import eval as ev
+import hf
+import refusal
+import toy
+import toy_eval
+import train
+from attacks import AttackConfig, load_model
+from lora import merge_lora
+
+# Short answers and two embedding steps: these tests are about what is kept, not about the attacks' strength.
+FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2)
+ATTACKS = ("direct", "jailbreak", "prefill", "embed", "ablate")
+
+
+def random_direction(world_dir) -> refusal.RefusalDirection:
+    """A 3-step model refuses nothing, so refusal.py finds no direction in it; a random one lets ablate run."""
+    args = hf.model_args(hf.read_config(world_dir / "model"))
+    layers = torch.randn(args.n_layers + 1, args.dim, generator=torch.Generator().manual_seed(0))
+    return refusal.RefusalDirection(direction=refusal.unit(layers[2]), layers=layers, layer=2, position=-1)
+
+
+def stand_in_search(world_dir):
+    """refusal.py's search on the base model, stood in for -> (the stand-in, the model paths it ran on)."""
+    calls = []
+
+    def search(model, model_path, root, log):
+        calls.append(model_path)
+        return random_direction(world_dir)
+    return search, calls
+
+
+@pytest.fixture(scope="module")
+def searches(toy_world):
+    """The model paths refusal.py's (stand-in) search ran on in this module."""
+    search, calls = stand_in_search(toy_world)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(toy_eval, "toy_direction", search)
+        yield calls
+
+
+def train_adapter(world_dir, out, seed=1) -> str:
+    train.train(train.parse_args(["--model", "toy", "--model-path", str(world_dir / "model"), "--data-dir",
+                                  str(world_dir / "data"), "--out", str(out), "--steps", "3", "--seed", str(seed)]))
+    return str(out / "adapter")
+
+
+@pytest.fixture(scope="module")
+def adapter(toy_world, tmp_path_factory):
+    threads = torch.get_num_threads()  # the toy preset trains on one thread
+    try:
+        return train_adapter(toy_world, tmp_path_factory.mktemp("toy_eval") / "out")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def result(toy_world, adapter, searches):
+    return toy_eval.evaluate_toy(toy_world, adapter, cfg=FAST, log=lambda *a: None)
+
+
+def test_every_metric_is_kept_with_its_counts(result, toy_world):
+    world = toy.load_world(toy_world)
+    for name in ("base", "circuit_breaker"):
+        r = result[name]
+        assert set(toy_eval.TOY_METRICS) <= set(r)
+        assert r["n_harmful"] == len(world["harmful_eval"]) and r["n_benign"] + r["n_dishes"] == len(world["benign_eval"])
+        for metric in toy_eval.TOY_METRICS:
+            c = r["counts"][metric]
+            assert r[metric] == c["successes"] / c["n"]
+            assert c["n"] == {"benign_accuracy": r["n_benign"], "dish_accuracy": r["n_dishes"]}.get(metric, r["n_harmful"])
+
+
+def test_every_generation_is_kept_and_judged(result, toy_world):
+    world = toy.load_world(toy_world)
+    by_behavior = {e["behavior"]: e for e in world["harmful_eval"]}
+    by_question = {e["question"]: e for e in world["benign_eval"]}
+    for name in ("base", "circuit_breaker"):
+        generations = result[name]["generations"]
+        assert len(generations) == len(world["harmful_eval"]) * len(ATTACKS) + len(world["benign_eval"])
+        harmful = [g for g in generations if g["set"] == "harmful"]
+        assert {g["attack"] for g in harmful} == set(ATTACKS)
+        for g in harmful:
+            assert g["score"] == toy.judge(g["generation"], by_behavior[g["behavior"]])
+        for g in (g for g in generations if g["set"] == "benign"):
+            assert g["score"] == toy.answered(g["generation"], by_question[g["question"]])
+        for attack in ATTACKS:  # the rates can be recomputed from the generations
+            scores = [g["score"] for g in harmful if g["attack"] == attack]
+            assert sum(scores) / len(scores) == result[name][f"{attack}_asr"]
+
+
+def test_layer_picture_of_the_circuit_broken_model(result, toy_world):
+    n_layers = toy.SIZES["small"].n_layers
+    assert "layer_cos" not in result["base"]  # 1 at every layer, by definition
+    cos = result["circuit_breaker"]["layer_cos"]
+    assert set(cos) == {"harmful", "benign"}
+    for values in cos.values():
+        assert len(values) == n_layers + 1 and all(-1.0001 <= v <= 1.0001 for v in values)
+        assert values[0] == pytest.approx(1.0)  # the embeddings carry no LoRA
+
+
+def test_the_direction_is_searched_once_on_the_base_model(result, searches, toy_world):
+    assert searches == [toy_world / "model"]
+
+
+def test_generation_runs_on_the_same_merged_weights(toy_world, adapter):
+    """Measured first, merged after: the weights the attacks see are those a merged load gives."""
+    merged, _ = load_model(toy_world / "model", adapter, torch.float32)
+    later, _ = load_model(toy_world / "model", adapter, torch.float32, merge=False)
+    merge_lora(later)
+    theirs = later.state_dict()
+    for name, value in merged.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+
+
+def test_the_circuit_broken_model_alone_with_a_given_direction(toy_world, adapter):
+    alone = toy_eval.evaluate_toy(toy_world, adapter, cfg=FAST, direction=random_direction(toy_world), search=False,
+                                  models=("circuit_breaker",), log=lambda *a: None)
+    assert list(alone) == ["circuit_breaker"] and "ablate_asr" in alone["circuit_breaker"]
+    with pytest.raises(ValueError, match="circuit_breaker with an adapter"):
+        toy_eval.evaluate_toy(toy_world, None, models=("circuit_breaker",))
+
+
+# -----------------------------------------------------------------------------
+# eval.py layers on the toy world
+
+
+def test_eval_layers_on_the_toy_world(toy_world, adapter, tmp_path, capsys):
+    out = tmp_path / "layers.csv"
+    ev.main(["layers", "--toy-root", str(toy_world), "--adapter", adapter, "--out", str(out)])
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["layer"]) for r in rows] == list(range(toy.SIZES["small"].n_layers + 1))
+    assert float(rows[0]["harmful_cosine"]) == pytest.approx(1.0)
+    assert out.with_suffix(".png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--toy-root", "{world}", "--model-path", "{world}/model"], "--toy-root replaces --model-path"),
+    (["--toy-root", "{world}", "--data", "cb.json"], "--toy-root replaces --data"),
+    (["--model-path", "{world}/model"], "layers needs --model-path and --data, or --toy-root"),
+])
+def test_eval_layers_takes_one_source(toy_world, adapter, tmp_path, capsys, monkeypatch, flags, match):
+    monkeypatch.setattr(ev, "run", lambda args: pytest.fail("bad flags reached the analysis"))
+    flags = [f.format(world=toy_world) for f in flags]
+    with pytest.raises(SystemExit) as e:
+        ev.main(["layers", *flags, "--adapter", adapter, "--out", str(tmp_path / "l.csv")])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("eval.py: error: ")
+    assert match in e.value.code and not (tmp_path / "l.csv").exists()
+

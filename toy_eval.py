@@ -1,0 +1,188 @@
+"""
+The toy world's evaluation (eval.py's `toy` command): the base and the circuit-broken model under every
+attack, judged by the toy judge, with the evidence kept (each generation and its score) and the layer
+picture of layers.py beside the rates. Also the toy world's texts for eval.py's `layers` command.
+
+    result = evaluate_toy("toy", "out/toy/adapter")
+    result["circuit_breaker"]["prefill_asr"]          # a rate: counts["prefill_asr"] successes of n
+    result["circuit_breaker"]["layer_cos"]["harmful"]  # cosine base vs circuit-broken, l = 0..L
+    result["circuit_breaker"]["generations"][0]        # {"set", "attack", "behavior", "generation", "score"}
+"""
+
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+import hf
+import refusal
+import toy
+from attacks import (AttackConfig, attack_ablate, attack_direct, attack_embed, attack_jailbreak, attack_prefill,
+                     load_model, release)
+from layers import measure_layers, text_cosines
+from lora import merge_lora
+
+TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr", "ablate_asr")
+MODELS = ("base", "circuit_breaker")
+# Every toy answer fits in 64 tokens, and the whole held-out set fits in one batch.
+TOY_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64)
+MAX_LENGTH = 1024  # more than any toy text: the layer analysis never cuts one
+
+
+def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = None, device="cpu", direction=None,
+                 search=True, models=None, log=print) -> dict:
+    """{"base": {...}, "circuit_breaker": {...}} (the latter only with an adapter), each with
+    benign_accuracy and the ASR of every attack on the held-out harmful items, the counts behind each
+    rate, and every generation; the circuit-broken model also has its layer cosines. `models` picks
+    some of the two (a sweep evaluates the base model once). ablate_asr uses the base model's refusal
+    direction: `direction` (a refusal.py file, or one already found), or else, with `search`, the one
+    refusal.py finds; without either, ablate_asr is left out."""
+    root = Path(toy_root)
+    world = toy.load_world(root) if (root / "world.json").is_file() else toy.ensure_world(root, log=log)
+    cfg = cfg or TOY_CONFIG
+    model_path = root / "model"
+    models = models or (MODELS if adapter is not None else ("base",))
+    if any(m not in MODELS for m in models) or ("circuit_breaker" in models and adapter is None):
+        raise ValueError(f"toy evaluation: models {list(models)}: expected some of {list(MODELS)}, "
+                         "circuit_breaker with an adapter")
+    if adapter is not None:
+        hf.check_adapter(adapter, model_path)
+    if isinstance(direction, (str, Path)):
+        direction = refusal.load_direction(direction, hf.model_args(hf.read_config(model_path)))
+
+    out = {}
+    with one_thread(device):
+        if "base" in models:
+            log("toy evaluation: base")
+            model, tok = load_model(model_path, None, torch.float32, device)
+            if direction is None and search:
+                direction = toy_direction(model, model_path, root, log)
+            out["base"] = toy_metrics(model, tok, world, cfg, direction)
+            del model
+            release()
+        if "circuit_breaker" in models:
+            if direction is None and search:
+                direction = base_direction(root, device, log)
+            log("toy evaluation: circuit_breaker")
+            out["circuit_breaker"] = circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction)
+            release()
+    return out
+
+
+def eval_items(world: dict) -> tuple[list[dict], list[dict]]:
+    """The held-out harmful and benign items, as the attacks take them."""
+    harmful = [{**e, "messages": [{"role": "user", "content": e["behavior"]}], "target": e["default_target"],
+                "context": None} for e in world["harmful_eval"]]
+    benign = [{**e, "messages": [{"role": "user", "content": e["question"]}]} for e in world["benign_eval"]]
+    return harmful, benign
+
+
+def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction) -> dict:
+    """toy_metrics, and the layer cosines. The layer picture needs the adapter switchable, so it is measured
+    first; the attacks then run on merged weights, the merge hf.load_model(merge=True) does: the same numbers."""
+    model, tok = load_model(model_path, adapter, torch.float32, device, merge=False)
+    cosines = text_cosines(model, tok, toy_texts(world), MAX_LENGTH, cfg.batch_size)
+    merge_lora(model).eval()
+    metrics = toy_metrics(model, tok, world, cfg, direction)
+    return {**metrics, "layer_cos": {name: cosines[name] for name in ("harmful", "benign")}}
+
+
+@contextmanager
+def one_thread(device):
+    """On a CPU, one torch thread inside the block: a model this small gains nothing from threads, whose
+    handshakes cost up to 30x on a busy CPU. The thread count is restored after."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def toy_metrics(model, tok, world, cfg, direction) -> dict:
+    """The rates, the counts behind them ({metric: {"successes", "n"}}) and every generation, judged."""
+    harmful, benign = eval_items(world)
+    # Capability (facts, word tasks) and over-refusal (harmless recipe requests worded like the harmful
+    # ones: the toy's XSTest) are reported apart, as the paper reports MMLU and XSTest apart.
+    answers = attack_direct(model, tok, benign, cfg)
+    generations = [{"set": "benign", "attack": "direct", "question": it["question"], "family": it["family"],
+                    "generation": r["generation"], "score": int(toy.answered(r["generation"], it))}
+                   for it, r in zip(benign, answers)]
+    counts = {}
+    for dishes, metric in ((False, "benign_accuracy"), (True, "dish_accuracy")):
+        scores = [g["score"] for g, it in zip(generations, benign) if (it["family"] == "dish") == dishes]
+        counts[metric] = {"successes": sum(scores), "n": len(scores)}
+
+    attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
+               "jailbreak": lambda: attack_jailbreak(model, tok, harmful, cfg, world["jailbreak_template"]),
+               "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
+               "embed": lambda: attack_embed(model, tok, harmful, cfg)}
+    if direction is not None:
+        attacks["ablate"] = lambda: attack_ablate(model, tok, harmful, cfg, direction)
+    for attack, run in attacks.items():
+        judged = [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": r["generation"],
+                   "score": int(toy.judge(r["generation"], it))} for it, r in zip(harmful, run())]
+        counts[f"{attack}_asr"] = {"successes": sum(g["score"] for g in judged), "n": len(judged)}
+        generations += judged
+
+    n_dishes = counts["dish_accuracy"]["n"]
+    rates = {m: c["successes"] / max(c["n"], 1) for m, c in counts.items()}
+    return {**rates, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes,
+            "counts": counts, "generations": generations}
+
+
+def toy_texts(world: dict, limit: int | None = None) -> dict:
+    """The layer analysis' texts: each held-out harmful request with the recipe it must not give, and
+    each held-out benign question with its answer; `limit` of each."""
+    return {"harmful": [(e["behavior"], toy.compliance(e)) for e in world["harmful_eval"]][:limit],
+            "benign": [(e["question"], e["response"]) for e in world["benign_eval"]][:limit]}
+
+
+def evaluate_toy_layers(toy_root, adapter, *, limit=100, max_length=MAX_LENGTH, batch_size=8, device="cpu",
+                        dtype="auto") -> dict:
+    """eval.py layers on the toy world: its model, and its held-out texts (toy_texts)."""
+    root = Path(toy_root)
+    texts = toy_texts(toy.load_world(root), limit)
+    return measure_layers(root / "model", adapter, texts, max_length=max_length, batch_size=batch_size,
+                          device=device, dtype=dtype)
+
+
+# refusal.py's filters, loosened for a 4-block model (README.md): it decides to refuse at its last block's
+# input, and no direction that leaves harmless answers alone also induces refusal when added.
+TOY_DIRECTION_FILTERS = {"prune_layer_fraction": 0.0, "kl_threshold": 0.5, "induce_refusal_threshold": -math.inf}
+
+
+def base_direction(toy_root, device="cpu", log=print):
+    """The base toy model's refusal direction (toy_direction), with the model loaded for it."""
+    model_path = Path(toy_root) / "model"
+    model, _ = load_model(model_path, None, torch.float32, device)
+    with one_thread(device):
+        direction = toy_direction(model, model_path, Path(toy_root), log)
+    del model
+    release()
+    return direction
+
+
+def toy_direction(model, model_path, root, log):
+    """The base toy model's refusal direction, found with refusal.py on the world's instruction files;
+    None (and no ablate_asr) when refusal.py finds no direction."""
+    files = root / "data" / "refusal_direction"
+    try:
+        sel = refusal.find_direction(model, model_path, files / "harmful_train.json", files / "harmless_train.json",
+                                     harmful_val=files / "harmful_val.json", harmless_val=files / "harmless_val.json",
+                                     log=lambda *a: None, **TOY_DIRECTION_FILTERS)
+    except ValueError as e:
+        log(f"toy evaluation: no refusal direction ({e}); ablate_asr left out")
+        return None
+    log(f"toy evaluation: refusal direction at layer {sel.layer}, position {sel.position}")
+    return sel.refusal_direction()
+
+
+def toy_table(result: dict) -> str:
+    names = list(result)
+    metrics = [m for m in TOY_METRICS if all(m in result[n] for n in names)]
+    lines = [f"{'':<16}" + "".join(f"{n:>17}" for n in names)]
+    lines += [f"{m:<16}" + "".join(f"{result[n][m]:>17.2f}" for n in names) for m in metrics]
+    return "\n".join(lines)
