@@ -57,11 +57,8 @@ the exact answer appears) score generations.
 The model was trained in fp32; load it with `hf.load_pretrained(root / "model", dtype=torch.float32)`.
 Generation stops at the tokenizer's stop ids; greedy decoding with 64 new tokens fits every answer.
 
-Command:
-
-    python toy.py [--size full|small] [--root DIR] [--seed N]
-
-"small" has fewer items and a smaller model; tests build its files (with a few pretraining steps).
+Command: `python toy.py [--size full|small] [--root DIR] [--seed N]`. "small" has fewer items and a
+smaller model; tests build its files (with a few pretraining steps).
 """
 
 import argparse
