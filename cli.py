@@ -1,9 +1,9 @@
 """
-What eval.py's and refusal.py's command lines share. A flag and the parameter it feeds have one name
-(`--max-length` feeds `max_length`), so the function's signature holds the default, and a command
-calls its function with the flags of the same names. Bad flags are refused before any model is loaded
-(a run that fails at its last step loses hours of generation), and output files are written whole or
-not at all (hf.atomic_file).
+What the command lines of eval.py, refusal.py and bench.py share. A flag and the parameter it feeds have
+one name (`--max-length` feeds `max_length`), so the function's signature holds the default, and a
+command calls its function with the flags of the same names. Bad flags are refused before any model is
+loaded (a run that fails at its last step loses hours of generation), and output files are written whole
+or not at all (hf.atomic_file).
 """
 
 import inspect
