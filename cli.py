@@ -1,19 +1,19 @@
 """
-What eval.py's and refusal.py's command lines share. A flag and the parameter it feeds have one name
-(`--max-length` feeds `max_length`), so the function's signature holds the default, and a command
-calls its function with the flags of the same names. Bad flags are refused before any model is loaded
-(a run that fails at its last step loses hours of generation), and output files are written whole or
-not at all.
+What the command lines of eval.py, refusal.py and bench.py share. A flag and the parameter it feeds have
+one name (`--max-length` feeds `max_length`), so the function's signature holds the default, and a
+command calls its function with the flags of the same names. Bad flags are refused before any model is
+loaded (a run that fails at its last step loses hours of generation), and output files are written whole
+or not at all (hf.atomic_file).
 """
 
 import inspect
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+import hf
+from hf import atomic_file  # noqa: F401  eval.py's writers use it as cli.atomic_file
 
 
 def keyword_defaults(fn) -> dict:
@@ -68,23 +68,6 @@ def check_output(path, flag: str, directory: bool = False):
             raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
 
 
-@contextmanager
-def atomic_file(path):
-    """Yield a temporary path beside `path` to write; when the block ends it replaces `path`. On any
-    exception it is removed, and an earlier file at `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) make it private; what it becomes is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path, result: dict):
-    with atomic_file(path) as tmp:
+    with hf.atomic_file(path) as tmp:
         tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")

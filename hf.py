@@ -35,9 +35,9 @@ A PEFT LoRA adapter directory (peft 0.21, checked against peft itself by tests/t
 A merged export is a model directory whose adapted weights are W + (alpha / r) B A, with the base's
 tokenizer files.
 
-Every directory is written through `atomic_dir`: into a temporary directory beside the target, moved
-into place once complete, so a crash or a kill never leaves a half-written model, adapter or
-checkpoint where a reader would find it.
+Every directory is written through `atomic_dir`, and every single output file (a record, a direction)
+through `atomic_file`: into a temporary beside the target, moved into place once complete, so a crash
+or a kill never leaves a half-written model, adapter, checkpoint or file where a reader would find it.
 
 Read top to bottom: config.json, loading weights, writing directories and weights, PEFT adapters, the
 merged export, and `load_model`, which puts them together, with the dtype names the command lines share.
@@ -258,7 +258,7 @@ def read_safetensors(file) -> dict[str, torch.Tensor]:
 
 
 # -----------------------------------------------------------------------------
-# Writing directories and safetensors weights
+# Writing files, directories and safetensors weights
 
 
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -297,6 +297,23 @@ def temporaries(out_dir) -> list[Path]:
     if not out_dir.parent.is_dir():
         return []
     return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.*") if p.is_dir())
+
+
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path` to write; when the block ends it replaces `path`. On any
+    exception it is removed, and an earlier file at `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) make it private; what it becomes is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_pretrained(out_dir, state_dict: dict, config: dict, max_shard_size: int = 5 * 2**30,

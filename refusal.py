@@ -375,7 +375,7 @@ def select_direction(model, candidates: torch.Tensor, harmful_val: list[list[int
 
 
 def save_direction(path, selection: Selection, model_path: str, extra_metadata: dict | None = None):
-    """Write the direction file whole or not at all (cli.atomic_file)."""
+    """Write the direction file whole or not at all (hf.atomic_file)."""
     chosen = selection.chosen_layers()  # (L+1, D)
     tensors = {"direction": selection.direction.float(),
                "candidates": selection.candidates.float(),
@@ -385,7 +385,7 @@ def save_direction(path, selection: Selection, model_path: str, extra_metadata: 
     tensors.update({f"layer.{l}": chosen[l].float() for l in range(chosen.shape[0])})
     metadata = {"format": "pt", "layer": str(selection.layer), "position": str(selection.position),
                 "model": str(model_path), **(extra_metadata or {})}
-    with cli.atomic_file(path) as tmp:
+    with hf.atomic_file(path) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 

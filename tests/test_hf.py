@@ -1,5 +1,5 @@
 """hf.py: config.json, safetensors checkpoints, PEFT adapters and the merged export, against transformers
-and peft themselves (test-only references), plus the atomic directory writer and load_model.
+and peft themselves (test-only references), plus the atomic directory and file writers and load_model.
 
 Tiny random checkpoints written by transformers (the writers are tests/test_model.py's and
 tests/test_lora.py's), everything in fp32.
@@ -167,6 +167,21 @@ def test_atomic_dir_replaces_only_with_a_complete_directory(tmp_path):
         (tmp / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["b"]  # replaced as a whole, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_file_replaces_only_with_a_complete_file(tmp_path):
+    out = tmp_path / "new" / "results.json"
+    with hf.atomic_file(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(".results.json.")
+        tmp.write_text("old")
+    assert out.read_text() == "old" and out.stat().st_mode & 0o777 == 0o644
+    for error in (RuntimeError, KeyboardInterrupt):
+        with pytest.raises(error):
+            with hf.atomic_file(out) as tmp:
+                tmp.write_text("half")
+                raise error("killed mid-write")
+        assert out.read_text() == "old"  # the old file, intact
+        assert [p.name for p in out.parent.iterdir()] == ["results.json"]  # and no temporary left behind
 
 
 # -----------------------------------------------------------------------------
