@@ -133,9 +133,8 @@ def keep_metrics_until(path: Path, step: int):
                 kept.append(line + "\n")
         except (ValueError, TypeError, KeyError):
             pass  # not a whole row
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    with hf.atomic_file(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 def show(value) -> str:

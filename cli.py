@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 import hf
-from hf import atomic_file  # noqa: F401  eval.py's writers use it as cli.atomic_file
 
 
 def keyword_defaults(fn) -> dict:

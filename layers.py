@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import cli
 import hf
 from attacks import chat_prompt, load_model
 from data import load_circuit_breaker_set, load_ultrachat, pad
@@ -94,7 +93,7 @@ def evaluate_layers(model_path, adapter, data, *, benign=None, limit=100, max_le
 
 def write_layers(result: dict, out: Path):
     """The CSV, and a PNG beside it when matplotlib (optional) is installed (-> its path, else None)."""
-    with cli.atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
+    with hf.atomic_file(out) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "harmful_cosine", "benign_cosine"])
         for l, h, b in zip(result["layers"], result["harmful"], result["benign"]):
@@ -116,7 +115,7 @@ def write_layers(result: dict, out: Path):
     ax.legend()
     fig.tight_layout()
     png = out.with_suffix(".png")
-    with cli.atomic_file(png) as tmp:
+    with hf.atomic_file(png) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return png

@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -486,17 +485,11 @@ def start_output(cfg: TrainConfig, resume_from: checkpoint.Checkpoint | None):
     metrics.jsonl cut back to the checkpoint's step, so that no step is logged twice."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "run.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    with hf.atomic_file(out / "run.json") as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if resume_from:
         checkpoint.put_in_place(resume_from, out / "checkpoint")
         checkpoint.keep_metrics_until(out / "metrics.jsonl", resume_from.step)
-
-
-def write_atomic(path: Path, text: str):
-    """Write under a temporary name, then rename: a kill never leaves the file half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def diverged(step: int, what: str, last_good: Path | None) -> TrainingError:
