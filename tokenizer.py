@@ -80,7 +80,7 @@ class Tokenizer:
     def __init__(self, kind: str, chat_format: str, model, special: dict[str, int], default_system: str | None = None):
         self.kind = kind                  # "tiktoken", "sentencepiece" or "tokenizers"
         self.chat_format = chat_format    # "llama3", "mistral", "llama2" or "chatml"
-        self.model = model                # tiktoken.Encoding, sentencepiece.SentencePieceProcessor or tokenizers.Tokenizer
+        self.model = model                # tiktoken.Encoding, SentencePieceProcessor or tokenizers.Tokenizer
         self.special = special            # the special tokens the template inserts, by name
         self.default_system = default_system  # the system message a ChatML template adds when there is none
         if chat_format == "llama3":
@@ -94,7 +94,8 @@ class Tokenizer:
         else:
             self.bos_id, self.eos_id = special["<s>"], special["</s>"]
             self.stop_ids = [self.eos_id]
-        # No model here has a pad token; the official code pads with eos. Padding is always masked.
+        # Llama-3, Mistral and Llama-2 have no pad token and the official code pads with eos; SmolLM2's pad
+        # token is its eos too. Padding is always masked.
         self.pad_id = self.eos_id
         self.vocab_size = {"tiktoken": lambda: model.n_vocab, "sentencepiece": lambda: model.get_piece_size(),
                            "tokenizers": lambda: model.get_vocab_size(with_added_tokens=True)}[kind]()
@@ -333,7 +334,8 @@ def _find_tokenizer_file(model_dir: Path) -> Path:
     if model_dir.is_file():
         return model_dir
     # A tokenizer.model comes first: the project reads it without the tokenizers library, as before.
-    candidates = [model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model", model_dir / "tokenizer.json"]
+    candidates = [model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model",
+                  model_dir / "tokenizer.json"]
     for path in candidates:
         if path.is_file():
             return path
