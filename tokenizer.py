@@ -1,13 +1,16 @@
-"""Tokenizers and exact chat templates: Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece).
+"""Tokenizers and exact chat templates: Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece), and
+SmolLM2's ChatML (a Hugging Face tokenizer.json).
 
 Reading order:
-  1. Tokenizer: Llama-3's tiktoken file or a sentencepiece model, loaded from `tokenizer.model`.
-  2. Chat templates: Llama-3, Mistral (v0.1/v0.2) and Llama-2-chat, token for token as the models saw them.
+  1. Tokenizer: Llama-3's tiktoken file or a sentencepiece model, loaded from `tokenizer.model`; else a
+     `tokenizer.json`, read by the `tokenizers` library, whose chat template tokenizer_config.json names.
+  2. Chat templates: Llama-3, Mistral (v0.1/v0.2), Llama-2-chat and ChatML, token for token as the models
+     saw them.
   3. Messages: the checks every template makes, the turn order Mistral and Llama-2 need, and where their
      system prompt goes (they have no system turn).
   4. The template's tail: the tokens between the end of the user's text and the model's answer.
   5. Reading the files: tiktoken's BPE ranks, Meta's cut of long runs, sentencepiece's control pieces,
-     and config.json for which sentencepiece template.
+     config.json for which sentencepiece template, and tokenizer_config.json's chat template.
 """
 
 import base64
@@ -19,6 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 import sentencepiece
 import tiktoken
+import tokenizers
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Tokenizer
@@ -39,7 +43,22 @@ LLAMA3_SPECIALS = [
 # The tokens the Llama-3 template inserts. A sentencepiece model holding all of them (the toy world's
 # tokenizer) uses the Llama-3 template too.
 LLAMA3_CONTROL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-CHAT_FORMATS = ("llama3", "mistral", "llama2")
+CHAT_FORMATS = ("llama3", "mistral", "llama2", "chatml")
+
+# SmolLM2-Instruct's chat_template (tokenizer_config.json), verbatim: ChatML with a default system turn.
+# A tokenizer.json model must carry a template listed here; any other is refused, not guessed.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# template text -> (chat format, the system message it inserts when the conversation has none)
+KNOWN_TEMPLATES = {
+    SMOLLM2_TEMPLATE: ("chatml", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+}
+# The tokens ChatML inserts or stops on.
+CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 # Meta's encoder feeds tiktoken at most 400,000 characters at a time and cuts runs of more than 25,000
 # spaces or non-spaces (tiktoken is very slow on them); we cut the same way so ids match Meta's.
@@ -49,42 +68,55 @@ _LONG_RUN = re.compile(rf"\s{{{_MAX_RUN + 1}}}|\S{{{_MAX_RUN + 1}}}")
 
 
 class Tokenizer:
-    """Text <-> token ids for Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece), plus chat templates.
+    """Text <-> token ids for Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece), ChatML models
+    (tokenizer.json), plus chat templates.
 
-    `encode` never produces a special token: text that spells `<|eot_id|>` or `</s>` stays plain text, as
-    in Meta's encoder (HF's would parse it), so a message cannot forge a turn. Only the template inserts
-    special tokens. `decode` follows each library: tiktoken shows special tokens, sentencepiece drops them.
+    `encode` never produces a special token: text that spells `<|eot_id|>`, `</s>` or `<|im_end|>` stays
+    plain text, as in Meta's encoder (HF's would parse it), so a message cannot forge a turn. Only the
+    template inserts special tokens. `decode` follows each library: tiktoken shows special tokens,
+    sentencepiece and tokenizers drop them.
     """
 
-    def __init__(self, kind: str, chat_format: str, model, special: dict[str, int]):
-        self.kind = kind                  # "tiktoken" or "sentencepiece"
-        self.chat_format = chat_format    # "llama3", "mistral" or "llama2"
-        self.model = model                # tiktoken.Encoding or sentencepiece.SentencePieceProcessor
+    def __init__(self, kind: str, chat_format: str, model, special: dict[str, int], default_system: str | None = None):
+        self.kind = kind                  # "tiktoken", "sentencepiece" or "tokenizers"
+        self.chat_format = chat_format    # "llama3", "mistral", "llama2" or "chatml"
+        self.model = model                # tiktoken.Encoding, SentencePieceProcessor or tokenizers.Tokenizer
         self.special = special            # the special tokens the template inserts, by name
+        self.default_system = default_system  # the system message a ChatML template adds when there is none
         if chat_format == "llama3":
             self.bos_id = special["<|begin_of_text|>"]
             self.eos_id = special["<|end_of_text|>"]
             self.stop_ids = [self.eos_id, special["<|eot_id|>"]]
+        elif chat_format == "chatml":
+            # SmolLM2's config names <|im_start|> bos and <|im_end|> eos; the template adds no bos of its own.
+            self.bos_id, self.eos_id = special["<|im_start|>"], special["<|im_end|>"]
+            self.stop_ids = [self.eos_id, special["<|endoftext|>"]]
         else:
             self.bos_id, self.eos_id = special["<s>"], special["</s>"]
             self.stop_ids = [self.eos_id]
-        # No model here has a pad token; the official code pads with eos. Padding is always masked.
+        # Llama-3, Mistral and Llama-2 have no pad token and the official code pads with eos; SmolLM2's pad
+        # token is its eos too. Padding is always masked.
         self.pad_id = self.eos_id
-        self.vocab_size = model.n_vocab if kind == "tiktoken" else model.get_piece_size()
+        self.vocab_size = {"tiktoken": lambda: model.n_vocab, "sentencepiece": lambda: model.get_piece_size(),
+                           "tokenizers": lambda: model.get_vocab_size(with_added_tokens=True)}[kind]()
         self.path: Path | None = None     # the file it was read from (from_pretrained sets it), for messages
 
     @classmethod
     def from_pretrained(cls, model_dir, chat_format: str | None = None) -> "Tokenizer":
-        """Load `tokenizer.model` (or `original/tokenizer.model`) from a model folder, or that file itself.
+        """Load `tokenizer.model` (or `original/tokenizer.model`) from a model folder, else its
+        `tokenizer.json`; or that file itself.
 
         The file tells its kind. A sentencepiece model is Mistral's or Llama-2's: `config.json` beside it
-        says which (MistralForCausalLM -> mistral, else llama2), unless `chat_format` does.
+        says which (MistralForCausalLM -> mistral, else llama2), unless `chat_format` does. A tokenizer.json
+        model's template is the chat_template of `tokenizer_config.json` beside it.
         """
         model_dir = Path(model_dir)
         path = _find_tokenizer_file(model_dir)
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ValueError(f"chat_format {chat_format!r}: expected one of {', '.join(CHAT_FORMATS)}")
-        if _is_tiktoken_file(path):
+        if path.suffix == ".json":
+            tokenizer = cls._from_tokenizer_json(path, chat_format)
+        elif _is_tiktoken_file(path):
             if chat_format not in (None, "llama3"):
                 raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer cannot use chat_format {chat_format!r}")
             tokenizer = cls._from_tiktoken(path)
@@ -102,6 +134,8 @@ class Tokenizer:
 
     @classmethod
     def _from_sentencepiece(cls, path: Path, model_dir: Path, chat_format: str | None) -> "Tokenizer":
+        if chat_format == "chatml":
+            raise ValueError(f"{path}: chat_format 'chatml' comes with a tokenizer.json, not a tokenizer.model")
         try:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -117,10 +151,29 @@ class Tokenizer:
             raise ValueError(f"{path}: the sentencepiece model has no bos or eos piece")
         return cls("sentencepiece", chat_format, sp, {"<s>": sp.bos_id(), "</s>": sp.eos_id()})
 
+    @classmethod
+    def _from_tokenizer_json(cls, path: Path, chat_format: str | None) -> "Tokenizer":
+        try:
+            model = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for unreadable files
+            raise ValueError(f"{path}: not a tokenizer.json the tokenizers library reads ({e})") from None
+        found, default_system = _chat_template_format(path.parent)
+        if chat_format not in (None, found):
+            raise ValueError(f"{path}: its chat template is {found}; it cannot use chat_format {chat_format!r}")
+        special = {name: model.token_to_id(name) for name in CHATML_SPECIALS}
+        missing = [name for name, i in special.items() if i is None]
+        if missing:
+            raise ValueError(f"{path}: the ChatML template needs the tokens {', '.join(missing)}")
+        # Without this, text that spells an added token (<|im_end|>) is encoded as that token.
+        model.encode_special_tokens = True
+        return cls("tokenizers", found, model, special, default_system)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text: no BOS, and special-token text stays text."""
         if self.kind == "sentencepiece":
             return self.model.encode(text)
+        if self.kind == "tokenizers":
+            return self.model.encode(text, add_special_tokens=False).ids
         return [t for chunk in _tiktoken_chunks(text) for t in self.model.encode_ordinary(chunk)]
 
     def decode(self, ids) -> str:
@@ -130,14 +183,17 @@ class Tokenizer:
     # 2. Chat templates
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        """Token ids of a conversation, BOS first, equal to the model's official chat template.
+        """Token ids of a conversation, equal to the model's official chat template (BOS first, but for
+        ChatML, which has none).
 
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. add_generation_prompt
-        appends Llama-3's assistant header; Mistral and Llama-2 prompts already end in "[/INST]".
+        appends Llama-3's or ChatML's assistant header; Mistral and Llama-2 prompts already end in "[/INST]".
         """
         self.check_chat(messages)
         if self.chat_format == "llama3":
             return self._llama3(messages, add_generation_prompt)
+        if self.chat_format == "chatml":
+            return self._chatml(messages, add_generation_prompt)
         if self.chat_format == "mistral":
             return self._mistral(messages)
         return self._llama2(messages)
@@ -146,7 +202,7 @@ class Tokenizer:
         """What apply_chat_template needs of `messages`; a ValueError starting with `where` (a file and
         record, for messages read from one) otherwise."""
         check_messages(messages, where)
-        if self.chat_format != "llama3":
+        if self.chat_format in ("mistral", "llama2"):
             _check_turn_order(messages, self.chat_format, where)
 
     def _llama3(self, messages, add_generation_prompt):
@@ -162,6 +218,21 @@ class Tokenizer:
     def _llama3_header(self, role: str) -> list[int]:
         start, end = self.special["<|start_header_id|>"], self.special["<|end_header_id|>"]
         return [start] + self.encode(role) + [end] + self.encode("\n\n")
+
+    def _chatml(self, messages, add_generation_prompt):
+        # SmolLM2's template: per message <|im_start|>{role}\n{content}<|im_end|>\n, content as is, after its
+        # default system message when the first message is not a system one. HF encodes the text between
+        # special tokens piece by piece, so we do too: "{role}\n{content}" in one piece, since the
+        # pre-tokenizer can join the newline with spaces that start the content.
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.default_system}, *messages]
+        start = self.special["<|im_start|>"]
+        ids = []
+        for m in messages:
+            ids += [start] + self.encode(f"{m['role']}\n{m['content']}") + [self.eos_id] + self.encode("\n")
+        if add_generation_prompt:
+            ids += [start] + self.encode("assistant\n")
+        return ids
 
     def _mistral(self, messages):
         # mistral-common's v1 tokenizer (Mistral-7B-Instruct v0.1/v0.2): <s>, then each user turn encoded as
@@ -262,11 +333,14 @@ def template_tail(tokenizer, messages_before: Sequence[dict] = ()) -> list[int]:
 def _find_tokenizer_file(model_dir: Path) -> Path:
     if model_dir.is_file():
         return model_dir
-    candidates = [model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model"]
+    # A tokenizer.model comes first: the project reads it without the tokenizers library, as before.
+    candidates = [model_dir / "tokenizer.model", model_dir / "original" / "tokenizer.model",
+                  model_dir / "tokenizer.json"]
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError(f"{model_dir}: no tokenizer.model (looked for {' and '.join(map(str, candidates))})")
+    raise FileNotFoundError(f"{model_dir}: no tokenizer.model or tokenizer.json "
+                            f"(looked for {', '.join(map(str, candidates))})")
 
 
 def _is_tiktoken_file(path: Path) -> bool:
@@ -330,11 +404,34 @@ def _chat_format_from_config(model_dir: Path, path: Path) -> str:
     if not config.is_file():
         raise ValueError(f"{path}: a sentencepiece tokenizer is Mistral's or Llama-2's and no {config} says which; "
                          "pass chat_format='mistral' or 'llama2'")
-    try:
-        settings = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{config}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    settings = _read_json(config)
     architectures = (settings.get("architectures") if isinstance(settings, dict) else None) or []
     return "mistral" if "MistralForCausalLM" in architectures else "llama2"
+
+
+def _chat_template_format(model_dir: Path) -> tuple[str, str]:
+    """(chat format, default system message) of the chat template beside a tokenizer.json: transformers
+    writes it to chat_template.jinja (newer) or tokenizer_config.json's "chat_template"."""
+    jinja, config = model_dir / "chat_template.jinja", model_dir / "tokenizer_config.json"
+    if jinja.is_file():
+        source, template = jinja, jinja.read_text(encoding="utf-8")
+    elif config.is_file():
+        settings = _read_json(config)
+        source, template = config, settings.get("chat_template") if isinstance(settings, dict) else None
+    else:
+        raise ValueError(f"{config}: not found; a tokenizer.json model needs its chat_template")
+    if not isinstance(template, str):
+        raise ValueError(f"{source}: no chat_template string")
+    if template not in KNOWN_TEMPLATES:
+        raise ValueError(f"{source}: this chat_template is not one the project implements "
+                         "(SmolLM2-Instruct's ChatML is); refusing to guess how it renders")
+    return KNOWN_TEMPLATES[template]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
