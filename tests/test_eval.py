@@ -49,7 +49,7 @@ class ByteTokenizer:
     """Bytes are ids 0..255; four special ids follow. Same interface as tokenizer.Tokenizer."""
 
     BOS, START, END, EOT = 256, 257, 258, 259
-    vocab_size, bos_id, stop_ids = 260, 256, [259]
+    vocab_size, bos_id, stop_ids, chat_format = 260, 256, [259], "llama3"
 
     def encode(self, text):
         return list(text.encode())
