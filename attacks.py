@@ -147,10 +147,25 @@ def prefill_text(item) -> str:
     return item["target"] + ":\n\n"
 
 
+def append_text(tok, ids, text) -> list[int]:
+    """`ids` with `text` after them, tokenized as the official evaluation did: the text appended to the
+    templated prompt string and the whole string tokenized together.
+
+    Sentencepiece starts every encoded text with a "▁" (its dummy prefix), so Mistral's "[/INST]" then
+    "Sure" encoded apart is `]`, `▁Sure`, but `]`, `Sure` encoded together. Sentencepiece cuts text at
+    spaces before it merges, so only the prompt's last word (from its last piece that starts with "▁")
+    can join the text: that word is re-encoded with the text. Llama-3's prompt ends in a special token,
+    which nothing joins, and the toy world's sentencepiece model was trained on turns encoded apart."""
+    if tok.chat_format == "llama3":
+        return ids + tok.encode(text)
+    last = max(i for i, t in enumerate(ids) if tok.model.id_to_piece(t).startswith("▁"))
+    return ids[:last] + tok.encode(tok.decode(ids[last:]) + text)
+
+
 def attack_prefill(model, tok, items, cfg):
     """The answer is already begun with the target; the judge reads only what the model adds, as in
     the official evaluation."""
-    prompts = [chat_prompt(tok, it["messages"]) + tok.encode(prefill_text(it)) for it in items]
+    prompts = [append_text(tok, chat_prompt(tok, it["messages"]), prefill_text(it)) for it in items]
     texts = generate_texts(model, tok, cfg, prompts, label="prefill")
     return [{"prompt": it["messages"][-1]["content"], "prefill": prefill_text(it), "generation": t}
             for it, t in zip(items, texts)]

@@ -41,6 +41,7 @@ from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, att
 from data import load_harmbench, load_ultrachat
 from layers import evaluate_layers, layers_table, padded, write_layers
 from lora import lora_disabled
+from rates import rate_text, wilson
 from tokenizer import Tokenizer
 from toy_eval import TOY_CONFIG, evaluate_toy, evaluate_toy_layers, toy_table
 
@@ -264,9 +265,13 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
         scores = judge_refusal(generations)
     records = [{"behavior": it["behavior"], "context": it["context"], **r, "score": s}
                for it, r, s in zip(items, results, scores)]
+    splits = {name: (sum(r["score"] == 1 for r in rows), len(rows)) for name, rows in harmbench_splits(records)}
     return {"benchmark": "harmbench", "attack": attack, "judge": judge,
             "asr": sum(s == 1 for s in scores) / len(scores), "n": len(scores),
             "n_unparsed": sum(s == -1 for s in scores), "generation_seconds": round(gen_seconds, 1),
+            "by_split": {name: {"asr": k / n, "n": n} for name, (k, n) in splits.items() if name != "all"},
+            "ci95": {"asr": wilson(*splits["all"]),
+                     "by_split": {name: wilson(k, n) for name, (k, n) in splits.items() if name != "all"}},
             "records": records}
 
 
@@ -279,14 +284,18 @@ def toy_items(items, root) -> list[dict]:
     return [{**it, "ingredients": by_behavior[it["behavior"]]["ingredients"]} for it in items]
 
 
+def harmbench_splits(records) -> list[tuple[str, list[dict]]]:
+    """All behaviours, then the standard and the contextual ones (a split left out when it has none)."""
+    splits = [("all", records), ("standard", [r for r in records if r["context"] is None]),
+              ("contextual", [r for r in records if r["context"] is not None])]
+    return [(name, rows) for name, rows in splits if rows]
+
+
 def harmbench_table(result: dict) -> str:
-    """ASR over all behaviours, and split into standard and contextual ones."""
-    records = result["records"]
-    lines = [f"{'behaviours':<12} {'n':>5} {'ASR':>7}"]
-    for name, rows in (("all", records), ("standard", [r for r in records if r["context"] is None]),
-                       ("contextual", [r for r in records if r["context"] is not None])):
-        if rows:
-            lines.append(f"{name:<12} {len(rows):>5} {sum(r['score'] == 1 for r in rows) / len(rows):>7.3f}")
+    """ASR over all behaviours, and split into standard and contextual ones, with 95% intervals."""
+    lines = [f"{'behaviours':<12} ASR (successes/n) [95% interval]"]
+    for name, rows in harmbench_splits(result["records"]):
+        lines.append(f"{name:<12} {rate_text(sum(r['score'] == 1 for r in rows), len(rows))}")
     return "\n".join(lines)
 
 
@@ -309,24 +318,33 @@ def evaluate_xstest(model_path, benchmark, *, adapter=None, start=0, limit=None,
     records = [{**row, "generation": r["generation"], "refused": is_refusal(r["generation"])}
                for row, r in zip(rows, results)]
     safe, unsafe = [r for r in records if r["safe"]], [r for r in records if not r["safe"]]
-    types = dict.fromkeys(r["type"] for r in records)  # in file order
+    by_type = group_by_type(records)
     return {"benchmark": "xstest", "over_refusal": refusal_rate(safe),
             "unsafe_refusal": refusal_rate(unsafe), "n_safe": len(safe), "n_unsafe": len(unsafe),
-            "by_type": {t: refusal_rate([r for r in records if r["type"] == t]) for t in types},
+            "by_type": {t: refusal_rate(rows) for t, rows in by_type.items()},  # in file order
+            "n_by_type": {t: len(rows) for t, rows in by_type.items()},
+            "ci95": {"over_refusal": refusal_interval(safe), "unsafe_refusal": refusal_interval(unsafe),
+                     "by_type": {t: refusal_interval(rows) for t, rows in by_type.items()}},
             "records": records}
+
+
+def group_by_type(records) -> dict[str, list[dict]]:
+    return {t: [r for r in records if r["type"] == t] for t in dict.fromkeys(r["type"] for r in records)}
 
 
 def refusal_rate(records) -> float | None:
     return sum(r["refused"] for r in records) / len(records) if records else None
 
 
-def _rate(x) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
+def refusal_interval(records) -> tuple[float, float] | None:
+    return wilson(sum(r["refused"] for r in records), len(records))
 
 
 def xstest_table(result: dict) -> str:
-    lines = [f"{'type':<32} {'refused':>8}"]
-    lines += [f"{t:<32} {v:>8.3f}" for t, v in result["by_type"].items()]
+    """The refusal rate of each prompt type, with its 95% interval."""
+    lines = [f"{'type':<32} refused (refusals/n) [95% interval]"]
+    for t, rows in group_by_type(result["records"]).items():
+        lines.append(f"{t:<32} {rate_text(sum(r['refused'] for r in rows), len(rows))}")
     return "\n".join(lines)
 
 
@@ -467,14 +485,15 @@ def run(args):
     if args.command == "harmbench":
         result = {"args": vars(args), **cli.call(evaluate_harmbench, args, cfg=attack_config(args, AttackConfig()))}
         print(harmbench_table(result))
-        print(f"ASR {result['asr']:.3f} ({sum(r['score'] == 1 for r in result['records'])}/{result['n']}) "
+        print(f"ASR {rate_text(sum(r['score'] == 1 for r in result['records']), result['n'])} "
               f"attack={args.attack} judge={args.judge} model={args.model_path} adapter={args.adapter}"
               + (f"; {result['n_unparsed']} judge answers neither yes nor no" if result["n_unparsed"] else ""))
     elif args.command == "xstest":
         result = {"args": vars(args), **cli.call(evaluate_xstest, args, cfg=attack_config(args, AttackConfig()))}
         print(xstest_table(result))
-        print(f"over-refusal {_rate(result['over_refusal'])} on {result['n_safe']} safe prompts; refusal "
-              f"{_rate(result['unsafe_refusal'])} on {result['n_unsafe']} unsafe contrast prompts")
+        refused = {safe: sum(r["refused"] for r in result["records"] if r["safe"] == safe) for safe in (True, False)}
+        print(f"over-refusal {rate_text(refused[True], result['n_safe'])} on safe prompts; refusal "
+              f"{rate_text(refused[False], result['n_unsafe'])} on unsafe contrast prompts")
     elif args.command == "toy":
         result = cli.call(evaluate_toy, args, cfg=attack_config(args, TOY_CONFIG))
         print(toy_table(result))

@@ -22,6 +22,7 @@ from attacks import (AttackConfig, attack_ablate, attack_direct, attack_embed, a
                      load_model, release)
 from layers import measure_layers, text_cosines
 from lora import merge_lora
+from rates import rate_text, wilson
 
 TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr", "ablate_asr")
 MODELS = ("base", "circuit_breaker")
@@ -102,7 +103,8 @@ def one_thread(device):
 
 
 def toy_metrics(model, tok, world, cfg, direction) -> dict:
-    """The rates, the counts behind them ({metric: {"successes", "n"}}) and every generation, judged."""
+    """The rates, the counts behind them ({metric: {"successes", "n"}}), each rate's 95% Wilson interval
+    ({metric: [low, high]}) and every generation, judged."""
     harmful, benign = eval_items(world)
     # Capability (facts, word tasks) and over-refusal (harmless recipe requests worded like the harmful
     # ones: the toy's XSTest) are reported apart, as the paper reports MMLU and XSTest apart.
@@ -130,7 +132,8 @@ def toy_metrics(model, tok, world, cfg, direction) -> dict:
     n_dishes = counts["dish_accuracy"]["n"]
     rates = {m: c["successes"] / max(c["n"], 1) for m, c in counts.items()}
     return {**rates, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes,
-            "counts": counts, "generations": generations}
+            "counts": counts, "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()},
+            "generations": generations}
 
 
 def toy_texts(world: dict, limit: int | None = None) -> dict:
@@ -181,8 +184,9 @@ def toy_direction(model, model_path, root, log):
 
 
 def toy_table(result: dict) -> str:
+    """Each rate of each model as rate (successes/n) [95% interval]."""
     names = list(result)
     metrics = [m for m in TOY_METRICS if all(m in result[n] for n in names)]
-    lines = [f"{'':<16}" + "".join(f"{n:>17}" for n in names)]
-    lines += [f"{m:<16}" + "".join(f"{result[n][m]:>17.2f}" for n in names) for m in metrics]
+    lines = [f"{'':<16}" + "".join(f"{n:>30}" for n in names)]
+    lines += [f"{m:<16}" + "".join(f"{rate_text(**result[n]['counts'][m]):>30}" for n in names) for m in metrics]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import eval as ev  # noqa: E402
 import hf  # noqa: E402
 import layers  # noqa: E402
 import lora  # noqa: E402
+from rates import rate_text, wilson  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,7 +50,7 @@ class ByteTokenizer:
     """Bytes are ids 0..255; four special ids follow. Same interface as tokenizer.Tokenizer."""
 
     BOS, START, END, EOT = 256, 257, 258, 259
-    vocab_size, bos_id, stop_ids = 260, 256, [259]
+    vocab_size, bos_id, stop_ids, chat_format = 260, 256, [259], "llama3"
 
     def encode(self, text):
         return list(text.encode())
@@ -381,7 +382,9 @@ def test_cli_prefill_with_the_harmbench_judge(chat_model, judges, tmp_path, caps
     assert result["asr"] == 1.0 and result["n"] == 2
     assert [r["score"] for r in result["records"]] == [1, 1]
     assert set(result["records"][0]) >= {"behavior", "prompt", "prefill", "generation", "score"}
-    assert "ASR 1.000 (2/2)" in capsys.readouterr().out
+    assert result["ci95"] == {"asr": [0.3424, 1.0], "by_split": {"standard": [0.3424, 1.0]}}
+    assert result["by_split"] == {"standard": {"asr": 1.0, "n": 2}}
+    assert "ASR 1.000 (2/2) [0.342, 1.000]" in capsys.readouterr().out
 
 
 def test_cli_xstest_over_refusal(chat_model, tmp_path, capsys):
@@ -391,8 +394,29 @@ def test_cli_xstest_over_refusal(chat_model, tmp_path, capsys):
              "--max-new-tokens", "2", "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert (result["n_safe"], result["n_unsafe"]) == (1, 1)  # the last homonym, the first contrast one
-    assert set(result["by_type"]) == {"homonyms", "contrast_homonyms"}
+    assert set(result["by_type"]) == set(result["n_by_type"]) == {"homonyms", "contrast_homonyms"}
+    ci95 = result["ci95"]
+    assert set(ci95) == {"over_refusal", "unsafe_refusal", "by_type"}
+    assert set(ci95["by_type"]) == set(result["by_type"])
+    assert ci95["over_refusal"] in ([0.0, 0.7935], [0.2065, 1.0])  # one safe prompt, refused or not
     assert "over-refusal" in capsys.readouterr().out
+
+
+def test_wilson_intervals_by_hand():
+    # p = k/n, z = 1.96: centre (p + z^2/2n) / (1 + z^2/n), half-width z/(1 + z^2/n) * sqrt(p(1-p)/n + z^2/4n^2).
+    assert wilson(0, 20) == (0.0, 0.1611)
+    assert wilson(20, 20) == (0.8389, 1.0)
+    assert wilson(10, 20) == (0.2993, 0.7007)
+    assert wilson(0, 0) is None
+    assert rate_text(10, 20) == "0.500 (10/20) [0.299, 0.701]" and rate_text(0, 0) == "n/a (0/0)"
+
+
+def test_tables_show_each_rate_with_its_interval_and_n():
+    records = [{"context": None, "score": 1}, {"context": None, "score": 0}, {"context": "a table", "score": 0}]
+    assert ev.harmbench_table({"records": records}).splitlines()[1:] == [
+        f"{'all':<12} {rate_text(1, 3)}", f"{'standard':<12} {rate_text(1, 2)}", f"{'contextual':<12} {rate_text(0, 1)}"]
+    records = [{"type": "homonyms", "refused": True}, {"type": "homonyms", "refused": False}]
+    assert ev.xstest_table({"records": records}).splitlines()[1] == f"{'homonyms':<32} {rate_text(1, 2)}"
 
 
 def test_cli_takes_no_abbreviations(capsys):

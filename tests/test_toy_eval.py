@@ -16,6 +16,7 @@ import toy_eval
 import train
 from attacks import AttackConfig, load_model
 from lora import merge_lora
+from rates import rate_text, wilson
 
 # Short answers and two embedding steps: these tests are about what is kept, not about the attacks' strength.
 FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2)
@@ -77,7 +78,15 @@ def test_every_metric_is_kept_with_its_counts(result, toy_world):
         for metric in toy_eval.TOY_METRICS:
             c = r["counts"][metric]
             assert r[metric] == c["successes"] / c["n"]
+            low, high = r["ci95"][metric]
+            assert (low, high) == wilson(c["successes"], c["n"]) and low <= r[metric] <= high
             assert c["n"] == {"benign_accuracy": r["n_benign"], "dish_accuracy": r["n_dishes"]}.get(metric, r["n_harmful"])
+
+
+def test_toy_table_shows_each_rate_with_its_interval_and_n():
+    counts = {m: {"successes": 1, "n": 4} for m in toy_eval.TOY_METRICS}
+    table = toy_eval.toy_table({"base": {**{m: 0.25 for m in counts}, "counts": counts}})
+    assert table.splitlines()[1] == f"{'benign_accuracy':<16}{rate_text(1, 4):>30}"
 
 
 def test_every_generation_is_kept_and_judged(result, toy_world):
