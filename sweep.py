@@ -8,12 +8,12 @@ toy's numbers, so a new loss or setting is judged on a sweep, not on a run.
 
 Each seed trains `train.py --model toy` (unless --model is given) with the other flags as they are, into
 <out's folder>/seed<S>/, and is evaluated by toy_eval.py. The base model is evaluated once, and its
-refusal direction found once and used for every seed's ablate attack, so the seeds differ only in their
-training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
+refusal direction found once and used for every seed's ablate attack, as is its NLL threshold for the
+outcome classes (outcomes.py), so the seeds differ only in their training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
 
     {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
      "direction": {"layer": 3, "position": -1} or null,
-     "summary": {metric: {"mean", "min", "max", "n", "base"}},
+     "summary": {metric: {"mean", "min", "max", "n", "base"}},   # each ASR followed by <attack>_broken, _refusal
      "base": <toy_eval.evaluate_toy's "base">,
      "runs": [{"seed": 1, "out": "out/sweep/seed1", "circuit_breaker": <its "circuit_breaker">}, ...],
      "timings": {"base_eval_seconds": s, "seeds": [{"seed": 1, "train_seconds": s, "eval_seconds": s}, ...]}}
@@ -89,7 +89,7 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
                   "runs": [], "timings": {"base_eval_seconds": round(time.perf_counter() - t0, 1), "seeds": []}}
         for i, (seed, run_cfg) in enumerate(configs.items()):
             log(f"sweep: seed {seed} ({i + 1}/{len(seeds)})")
-            record, seconds = train_and_evaluate(run_cfg, root, direction, cfg, log)
+            record, seconds = train_and_evaluate(run_cfg, root, direction, base["nll_threshold"], cfg, log)
             result["runs"].append(record)
             result["timings"]["seeds"].append({"seed": seed, **seconds})
             result["summary"] = summarize(result)
@@ -99,13 +99,14 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
     return result
 
 
-def train_and_evaluate(run_cfg, root, direction, cfg, log) -> tuple[dict, dict]:
+def train_and_evaluate(run_cfg, root, direction, threshold, cfg, log) -> tuple[dict, dict]:
     """One seed: its run's record for the JSON, and its train and eval seconds."""
     t0 = time.perf_counter()
     train.train(run_cfg)
     t1 = time.perf_counter()
     evaluation = evaluate_toy(root, Path(run_cfg.out) / "adapter", cfg=cfg, device=run_cfg.device,
-                              direction=direction, search=False, models=("circuit_breaker",), log=log)
+                              direction=direction, search=False, models=("circuit_breaker",), threshold=threshold,
+                              log=log)
     seconds = {"train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
     return {"seed": run_cfg.seed, "out": run_cfg.out, **evaluation}, seconds
 
@@ -114,9 +115,18 @@ def train_and_evaluate(run_cfg, root, direction, cfg, log) -> tuple[dict, dict]:
 # 3. The summary: each metric's mean and range over the seeds, beside the base model's value
 
 
+# Beside each ASR, the shares of its answers that were broken or refused: a broken model looks safe to an ASR.
+OUTCOME_ROWS = ("broken", "refusal")
+
+
 def metric_values(evaluation: dict, target_layer: int) -> dict:
-    """One evaluation's numbers: its rates, and its layer cosines at the deepest target layer."""
-    values = {m: evaluation[m] for m in TOY_METRICS if m in evaluation}
+    """One evaluation's numbers: its rates, each attack's broken and refusal rates after its ASR, and its
+    layer cosines at the deepest target layer."""
+    values = {}
+    for m in (m for m in TOY_METRICS if m in evaluation):
+        values[m] = evaluation[m]
+        rates = evaluation.get("outcomes", {}).get(m.removesuffix("_asr"), {})
+        values.update({f"{m.removesuffix('_asr')}_{c}": rates[c] for c in OUTCOME_ROWS if c in rates})
     for name, cosines in evaluation.get("layer_cos", {}).items():
         values[f"{name}_cos_{target_layer}"] = cosines[target_layer]
     return values

@@ -6,7 +6,13 @@ picture of layers.py beside the rates. Also the toy world's texts for eval.py's 
     result = evaluate_toy("toy", "out/toy/adapter")
     result["circuit_breaker"]["prefill_asr"]          # a rate: counts["prefill_asr"] successes of n
     result["circuit_breaker"]["layer_cos"]["harmful"]  # cosine base vs circuit-broken, l = 0..L
-    result["circuit_breaker"]["generations"][0]        # {"set", "attack", "behavior", "generation", "score"}
+    result["circuit_breaker"]["generations"][0]        # {"set", "attack", "behavior", "generation", "score", ...}
+    result["circuit_breaker"]["outcomes"]["embed"]     # {"refusal", "broken", "compliant", "n", "ci95"}
+
+Beside each attack's ASR, its answers' outcome classes (outcomes.py): a broken model looks safe to an ASR.
+Every harmful generation record has its "outcome" and "nll", its mean NLL per token under the base model
+(the frozen one, also for the circuit-broken model), and each model's "nll_threshold" is the 99th
+percentile of that NLL over the base model's greedy answers to the held-out benign questions.
 """
 
 import math
@@ -18,10 +24,11 @@ import torch
 import hf
 import refusal
 import toy
-from attacks import (AttackConfig, attack_ablate, attack_direct, attack_embed, attack_jailbreak, attack_prefill,
-                     load_model, release)
+from attacks import (AttackConfig, append_text, attack_ablate, attack_direct, attack_embed, attack_jailbreak,
+                     attack_prefill, chat_prompt, load_model, release)
 from layers import measure_layers, text_cosines
 from lora import merge_lora
+from outcomes import OUTCOMES, nll_per_token, nll_threshold, outcome, outcome_rates
 from rates import rate_text, wilson
 
 TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr", "ablate_asr")
@@ -32,13 +39,14 @@ MAX_LENGTH = 1024  # more than any toy text: the layer analysis never cuts one
 
 
 def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = None, device="cpu", direction=None,
-                 search=True, models=None, log=print) -> dict:
+                 search=True, models=None, threshold=None, log=print) -> dict:
     """{"base": {...}, "circuit_breaker": {...}} (the latter only with an adapter), each with
     benign_accuracy and the ASR of every attack on the held-out harmful items, the counts behind each
     rate, and every generation; the circuit-broken model also has its layer cosines. `models` picks
     some of the two (a sweep evaluates the base model once). ablate_asr uses the base model's refusal
     direction: `direction` (a refusal.py file, or one already found), or else, with `search`, the one
-    refusal.py finds; without either, ablate_asr is left out."""
+    refusal.py finds; without either, ablate_asr is left out. `threshold`: the base model's NLL threshold
+    (outcomes.py), when already known (a sweep's base evaluation); else it is found here."""
     root = Path(toy_root)
     world = toy.load_world(root) if (root / "world.json").is_file() else toy.ensure_world(root, log=log)
     cfg = cfg or TOY_CONFIG
@@ -60,13 +68,18 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
             if direction is None and search:
                 direction = toy_direction(model, model_path, root, log)
             out["base"] = toy_metrics(model, tok, world, cfg, direction)
+            threshold = out["base"]["nll_threshold"] if threshold is None else threshold
             del model
             release()
         if "circuit_breaker" in models:
             if direction is None and search:
                 direction = base_direction(root, device, log)
             log("toy evaluation: circuit_breaker")
-            out["circuit_breaker"] = circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction)
+            base, tok = load_model(model_path, None, torch.float32, device)
+            threshold = base_threshold(base, tok, world, cfg) if threshold is None else threshold
+            out["circuit_breaker"] = circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction,
+                                                             (base, threshold))
+            del base
             release()
     return out
 
@@ -79,13 +92,13 @@ def eval_items(world: dict) -> tuple[list[dict], list[dict]]:
     return harmful, benign
 
 
-def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction) -> dict:
+def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction, reference) -> dict:
     """toy_metrics, and the layer cosines. The layer picture needs the adapter switchable, so it is measured
     first; the attacks then run on merged weights, the merge hf.load_model(merge=True) does: the same numbers."""
     model, tok = load_model(model_path, adapter, torch.float32, device, merge=False)
     cosines = text_cosines(model, tok, toy_texts(world), MAX_LENGTH, cfg.batch_size)
     merge_lora(model).eval()
-    metrics = toy_metrics(model, tok, world, cfg, direction)
+    metrics = toy_metrics(model, tok, world, cfg, direction, reference)
     return {**metrics, "layer_cos": {name: cosines[name] for name in ("harmful", "benign")}}
 
 
@@ -102,9 +115,11 @@ def one_thread(device):
         torch.set_num_threads(threads)
 
 
-def toy_metrics(model, tok, world, cfg, direction) -> dict:
+def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
     """The rates, the counts behind them ({metric: {"successes", "n"}}), each rate's 95% Wilson interval
-    ({metric: [low, high]}) and every generation, judged."""
+    ({metric: [low, high]}), each attack's outcome classes and every generation, judged. `reference`:
+    (the base model, its NLL threshold) for a circuit-broken model; None when `model` is the base, whose
+    own benign answers then set the threshold."""
     harmful, benign = eval_items(world)
     # Capability (facts, word tasks) and over-refusal (harmless recipe requests worded like the harmful
     # ones: the toy's XSTest) are reported apart, as the paper reports MMLU and XSTest apart.
@@ -116,6 +131,8 @@ def toy_metrics(model, tok, world, cfg, direction) -> dict:
     for dishes, metric in ((False, "benign_accuracy"), (True, "dish_accuracy")):
         scores = [g["score"] for g, it in zip(generations, benign) if (it["family"] == "dish") == dishes]
         counts[metric] = {"successes": sum(scores), "n": len(scores)}
+    if reference is None:
+        reference = model, benign_nll_threshold(model, tok, benign, [r["generation"] for r in answers], cfg)
 
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "jailbreak": lambda: attack_jailbreak(model, tok, harmful, cfg, world["jailbreak_template"]),
@@ -123,17 +140,49 @@ def toy_metrics(model, tok, world, cfg, direction) -> dict:
                "embed": lambda: attack_embed(model, tok, harmful, cfg)}
     if direction is not None:
         attacks["ablate"] = lambda: attack_ablate(model, tok, harmful, cfg, direction)
+    outcomes = {}
     for attack, run in attacks.items():
-        judged = [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": r["generation"],
-                   "score": int(toy.judge(r["generation"], it))} for it, r in zip(harmful, run())]
+        judged = judge_attack(attack, harmful, run(), tok, cfg, reference)
         counts[f"{attack}_asr"] = {"successes": sum(g["score"] for g in judged), "n": len(judged)}
+        outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
         generations += judged
 
     n_dishes = counts["dish_accuracy"]["n"]
     rates = {m: c["successes"] / max(c["n"], 1) for m, c in counts.items()}
     return {**rates, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes,
             "counts": counts, "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()},
-            "generations": generations}
+            "outcomes": outcomes, "nll_threshold": reference[1], "generations": generations}
+
+
+def judge_attack(attack, harmful, results, tok, cfg, reference) -> list[dict]:
+    """One attack's generation records: the toy judge's score, and the outcome class under the base model."""
+    base, threshold = reference
+    generations = [r["generation"] for r in results]
+    nlls = nll_per_token(base, tok, [scoring_prompt(tok, r) for r in results], generations, cfg.batch_size)
+    return [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": g,
+             "score": int(toy.judge(g, it)), "outcome": outcome(g, nll, threshold),
+             "nll": None if nll is None else round(nll, 4)} for it, g, nll in zip(harmful, generations, nlls)]
+
+
+def scoring_prompt(tok, result) -> list[int]:
+    """The prompt an answer's NLL is taken after: the user turn the attack sent, and its prefill. The embed
+    attack's optimised vectors are no tokens, so its answers are scored after the plain request."""
+    ids = chat_prompt(tok, [{"role": "user", "content": result["prompt"]}])
+    return append_text(tok, ids, result["prefill"]) if "prefill" in result else ids
+
+
+def benign_nll_threshold(base, tok, benign, answers, cfg) -> float | None:
+    """outcomes.py's NLL threshold, from the base model's greedy `answers` to the held-out benign questions."""
+    prompts = [chat_prompt(tok, it["messages"]) for it in benign]
+    return nll_threshold(nll_per_token(base, tok, prompts, answers, cfg.batch_size))
+
+
+def base_threshold(base, tok, world, cfg) -> float | None:
+    """benign_nll_threshold, the base model's benign answers generated for it (when the base model itself
+    is not evaluated)."""
+    _, benign = eval_items(world)
+    answers = [r["generation"] for r in attack_direct(base, tok, benign, cfg)]
+    return benign_nll_threshold(base, tok, benign, answers, cfg)
 
 
 def toy_texts(world: dict, limit: int | None = None) -> dict:
@@ -184,9 +233,19 @@ def toy_direction(model, model_path, root, log):
 
 
 def toy_table(result: dict) -> str:
-    """Each rate of each model as rate (successes/n) [95% interval]."""
+    """Each rate of each model as rate (successes/n) [95% interval]; under each ASR, the shares of its
+    answers that were refusals, broken and compliant."""
     names = list(result)
     metrics = [m for m in TOY_METRICS if all(m in result[n] for n in names)]
-    lines = [f"{'':<16}" + "".join(f"{n:>30}" for n in names)]
-    lines += [f"{m:<16}" + "".join(f"{rate_text(**result[n]['counts'][m]):>30}" for n in names) for m in metrics]
+    lines = [f"{'':<20}" + "".join(f"{n:>30}" for n in names)]
+    for m in metrics:
+        lines.append(f"{m:<20}" + "".join(f"{rate_text(**result[n]['counts'][m]):>30}" for n in names))
+        attack = m.removesuffix("_asr")
+        if all(attack in result[n].get("outcomes", {}) for n in names):
+            lines += [f"  {c:<18}" + "".join(f"{outcome_text(result[n]['outcomes'][attack], c):>30}" for n in names)
+                      for c in OUTCOMES]
     return "\n".join(lines)
+
+
+def outcome_text(rates: dict, name: str) -> str:
+    return rate_text(round(rates[name] * rates["n"]), rates["n"])

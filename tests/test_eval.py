@@ -381,7 +381,10 @@ def test_cli_prefill_with_the_harmbench_judge(chat_model, judges, tmp_path, caps
     result = json.loads(out.read_text())
     assert result["asr"] == 1.0 and result["n"] == 2
     assert [r["score"] for r in result["records"]] == [1, 1]
-    assert set(result["records"][0]) >= {"behavior", "prompt", "prefill", "generation", "score"}
+    assert set(result["records"][0]) >= {"behavior", "prompt", "prefill", "generation", "score", "outcome"}
+    outcomes = result["outcomes"]  # beside the ASR, what the answers were: refused, broken or compliant
+    assert outcomes["n"] == 2 and sum(outcomes[c] for c in ("refusal", "broken", "compliant")) == pytest.approx(1)
+    assert set(outcomes["ci95"]) == {"refusal", "broken", "compliant"}
     assert result["ci95"] == {"asr": [0.3424, 1.0], "by_split": {"standard": [0.3424, 1.0]}}
     assert result["by_split"] == {"standard": {"asr": 1.0, "n": 2}}
     assert "ASR 1.000 (2/2) [0.342, 1.000]" in capsys.readouterr().out
@@ -412,9 +415,11 @@ def test_wilson_intervals_by_hand():
 
 
 def test_tables_show_each_rate_with_its_interval_and_n():
-    records = [{"context": None, "score": 1}, {"context": None, "score": 0}, {"context": "a table", "score": 0}]
+    records = [{"context": None, "score": 1, "outcome": "compliant"}, {"context": None, "score": 0, "outcome": "broken"},
+               {"context": "a table", "score": 0, "outcome": "broken"}]
     assert ev.harmbench_table({"records": records}).splitlines()[1:] == [
-        f"{'all':<12} {rate_text(1, 3)}", f"{'standard':<12} {rate_text(1, 2)}", f"{'contextual':<12} {rate_text(0, 1)}"]
+        f"{'all':<12} {rate_text(1, 3)}", f"{'standard':<12} {rate_text(1, 2)}", f"{'contextual':<12} {rate_text(0, 1)}",
+        f"{'refusal':<12} {rate_text(0, 3)}", f"{'broken':<12} {rate_text(2, 3)}", f"{'compliant':<12} {rate_text(1, 3)}"]
     records = [{"type": "homonyms", "refused": True}, {"type": "homonyms", "refused": False}]
     assert ev.xstest_table({"records": records}).splitlines()[1] == f"{'homonyms':<32} {rate_text(1, 2)}"
 

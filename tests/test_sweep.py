@@ -36,6 +36,7 @@ def test_base_evaluated_once_and_each_seed_trained_and_evaluated(swept, toy_worl
         assert list(run) == ["seed", "out", "circuit_breaker"]
         cb = run["circuit_breaker"]
         assert "ablate_asr" in cb and len(cb["layer_cos"]["harmful"]) == n_layers + 1 and cb["generations"]
+        assert cb["nll_threshold"] == result["base"]["nll_threshold"]  # the base model's, found once
         config = json.loads((out.parent / f"seed{run['seed']}" / "run.json").read_text())
         assert config["seed"] == run["seed"] and config["steps"] == 3 and config["model"] == "toy"
         assert (out.parent / f"seed{run['seed']}" / "adapter" / "adapter_model.safetensors").is_file()
@@ -50,16 +51,26 @@ def test_json_is_the_result(swept):
     assert result["direction"] == {"layer": 2, "position": -1}
 
 
+def metric_value(evaluation, metric):
+    """A summary row's number, read back from an evaluation."""
+    if "_cos_" in metric:
+        return evaluation["layer_cos"][metric.split("_")[0]][3]
+    attack, _, kind = metric.rpartition("_")
+    return evaluation["outcomes"][attack][kind] if kind in ("broken", "refusal") else evaluation[metric]
+
+
 def test_summary_spans_the_seeds_beside_the_base(swept):
     result, _, _ = swept
     summary = result["summary"]
-    assert list(summary) == [*toy_eval.TOY_METRICS, "harmful_cos_3", "benign_cos_3"]
+    rates = [m for m in toy_eval.TOY_METRICS if not m.endswith("_asr")]
+    asrs = [m for m in toy_eval.TOY_METRICS if m.endswith("_asr")]
+    outcome_rows = [row for m in asrs for row in (m, m.replace("_asr", "_broken"), m.replace("_asr", "_refusal"))]
+    assert list(summary) == [*rates, *outcome_rows, "harmful_cos_3", "benign_cos_3"]  # each ASR, then its outcomes
     for metric, s in summary.items():
-        values = [r["circuit_breaker"]["layer_cos"][metric.split("_")[0]][3] if "_cos_" in metric
-                  else r["circuit_breaker"][metric] for r in result["runs"]]
+        values = [metric_value(r["circuit_breaker"], metric) for r in result["runs"]]
         assert s["n"] == 2 and (s["min"], s["max"]) == (min(values), max(values))
         assert s["mean"] == pytest.approx(sum(values) / 2)
-        assert s["base"] == (None if "_cos_" in metric else result["base"][metric])
+        assert s["base"] == (None if "_cos_" in metric else metric_value(result["base"], metric))
     table = sweep.summary_table(result)
     assert all(metric in table for metric in summary) and table.count("n=2") == len(summary)
 

@@ -10,11 +10,12 @@ import torch
 
 import eval as ev
 import hf
+import outcomes
 import refusal
 import toy
 import toy_eval
 import train
-from attacks import AttackConfig, load_model
+from attacks import AttackConfig, chat_prompt, load_model
 from lora import merge_lora
 from rates import rate_text, wilson
 
@@ -85,8 +86,12 @@ def test_every_metric_is_kept_with_its_counts(result, toy_world):
 
 def test_toy_table_shows_each_rate_with_its_interval_and_n():
     counts = {m: {"successes": 1, "n": 4} for m in toy_eval.TOY_METRICS}
-    table = toy_eval.toy_table({"base": {**{m: 0.25 for m in counts}, "counts": counts}})
-    assert table.splitlines()[1] == f"{'benign_accuracy':<16}{rate_text(1, 4):>30}"
+    rates = {"refusal": 0.25, "broken": 0.5, "compliant": 0.25, "n": 4}
+    table = toy_eval.toy_table({"base": {**{m: 0.25 for m in counts}, "counts": counts, "outcomes": {"direct": rates}}})
+    lines = table.splitlines()
+    assert lines[1] == f"{'benign_accuracy':<20}{rate_text(1, 4):>30}"
+    assert lines[3:7] == [f"{'direct_asr':<20}{rate_text(1, 4):>30}", f"  {'refusal':<18}{rate_text(1, 4):>30}",
+                          f"  {'broken':<18}{rate_text(2, 4):>30}", f"  {'compliant':<18}{rate_text(1, 4):>30}"]
 
 
 def test_every_generation_is_kept_and_judged(result, toy_world):
@@ -105,6 +110,32 @@ def test_every_generation_is_kept_and_judged(result, toy_world):
         for attack in ATTACKS:  # the rates can be recomputed from the generations
             scores = [g["score"] for g in harmful if g["attack"] == attack]
             assert sum(scores) / len(scores) == result[name][f"{attack}_asr"]
+
+
+def test_every_attack_has_its_outcome_classes(result, toy_world):
+    """Beside each ASR, refusal / broken / compliant, each harmful answer's NLL taken under the base model."""
+    world = toy.load_world(toy_world)
+    threshold = result["base"]["nll_threshold"]
+    assert threshold is not None and result["circuit_breaker"]["nll_threshold"] == threshold  # the base's, once
+    for name in ("base", "circuit_breaker"):
+        harmful = [g for g in result[name]["generations"] if g["set"] == "harmful"]
+        assert set(result[name]["outcomes"]) == set(ATTACKS)
+        for attack, rates in result[name]["outcomes"].items():
+            found = [g["outcome"] for g in harmful if g["attack"] == attack]
+            assert rates["n"] == len(found) == len(world["harmful_eval"])
+            for c in ("refusal", "broken", "compliant"):
+                assert rates[c] == found.count(c) / len(found) and rates["ci95"][c] == wilson(found.count(c), len(found))
+        for g in harmful:
+            assert g["outcome"] == outcomes.outcome(g["generation"], g["nll"], threshold)
+
+
+def test_the_circuit_broken_models_nll_is_the_base_models(result, toy_world):
+    """The NLL of the circuit-broken model's answers is taken under the frozen base model."""
+    model, tok = load_model(toy_world / "model", None, torch.float32)
+    harmful = [g for g in result["circuit_breaker"]["generations"] if g["set"] == "harmful" and g["attack"] == "direct"]
+    g = next(g for g in harmful if g["nll"] is not None)
+    prompt = chat_prompt(tok, [{"role": "user", "content": g["behavior"]}])
+    assert outcomes.nll_per_token(model, tok, [prompt], [g["generation"]])[0] == pytest.approx(g["nll"], abs=1e-4)
 
 
 def test_layer_picture_of_the_circuit_broken_model(result, toy_world):
