@@ -43,8 +43,7 @@ from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, att
 from data import load_harmbench, load_ultrachat
 from layers import evaluate_layers, layers_table, padded, write_layers
 from lora import lora_disabled
-# The refusal phrases live with the outcome classes; REFUSAL_PREFIXES and REFUSAL_PHRASES stay eval's names too.
-from outcomes import OUTCOMES, REFUSAL_PHRASES, REFUSAL_PREFIXES, is_refusal, outcome, outcome_rates
+from outcomes import OUTCOMES, is_refusal, outcome, outcome_rates  # the refusal phrases live there
 from rates import rate_text, wilson
 from tokenizer import Tokenizer
 from toy_eval import TOY_CONFIG, evaluate_toy, evaluate_toy_layers, toy_table
