@@ -127,6 +127,8 @@ def test_every_attack_has_its_outcome_classes(result, toy_world):
                 assert rates[c] == found.count(c) / len(found) and rates["ci95"][c] == wilson(found.count(c), len(found))
         for g in harmful:
             assert g["outcome"] == outcomes.outcome(g["generation"], g["nll"], threshold)
+            if g["attack"] in toy_eval.NOT_FROM_TOKENS:  # not answered from a token prompt: no incoherence test
+                assert g["nll"] is None
 
 
 def test_the_circuit_broken_models_nll_is_the_base_models(result, toy_world):
