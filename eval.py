@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import cli
 import hf
@@ -41,9 +40,9 @@ import toy
 from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, attack_direct, chat_prompt,
                      generate_texts, load_model, read_direction, release, run_attack)
 from data import load_harmbench, load_ultrachat
-from layers import evaluate_layers, layers_table, padded, write_layers
+from layers import evaluate_layers, layers_table, write_layers
 from lora import lora_disabled
-from outcomes import OUTCOMES, is_refusal, outcome, outcome_rates  # the refusal phrases live there
+from outcomes import OUTCOMES, is_refusal, nll_sums, outcome, outcome_rates  # the refusal phrases live there
 from rates import rate_text, wilson
 from tokenizer import Tokenizer
 from toy_eval import TOY_CONFIG, evaluate_toy, evaluate_toy_layers, toy_table
@@ -360,19 +359,10 @@ def conversation_examples(tok, conversations, max_length: int) -> list[tuple[lis
     return out
 
 
-@torch.no_grad()
 def mean_nll(model, examples, batch_size: int) -> float:
     """Mean negative log-likelihood per assistant token."""
-    device = model.model.embed_tokens.weight.device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        tokens, mask, loss_mask = padded(examples[start:start + batch_size], device)  # (B, T) each
-        logits, _ = model(tokens, mask)  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
-        keep = loss_mask[:, 1:].bool()
-        total += float(nll[keep].double().sum())
-        count += int(keep.sum())
-    return total / max(count, 1)
+    sums = nll_sums(model, examples, batch_size)
+    return sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1)
 
 
 def evaluate_perplexity(model_path, adapter, data, *, limit=100, max_length=1024, batch_size=8, device="cpu",

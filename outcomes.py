@@ -108,17 +108,25 @@ def outcome_rates(outcomes: list[str]) -> dict:
 def nll_per_token(model, tok, prompts: list[list[int]], generations: list[str], batch_size=32) -> list[float | None]:
     """Each generation's mean negative log-likelihood per token, teacher-forced after its prompt's token
     ids; None for a generation with no tokens."""
-    examples = [(p + tok.encode(g), [0] * len(p) + [1] * len(tok.encode(g))) for p, g in zip(prompts, generations)]
+    examples = []
+    for p, g in zip(prompts, generations):
+        ids = tok.encode(g)
+        examples.append((p + ids, [0] * len(p) + [1] * len(ids)))
+    return [total / count if count else None for total, count in nll_sums(model, examples, batch_size)]
+
+
+@torch.no_grad()
+def nll_sums(model, examples: list[tuple[list[int], list[int]]], batch_size: int) -> list[tuple[float, int]]:
+    """Per (token ids, loss mask) example: the summed NLL of its masked tokens, teacher-forced, and their count."""
     device = model.model.embed_tokens.weight.device
     out = []
     for start in range(0, len(examples), batch_size):
         tokens, mask, scored = padded(examples[start:start + batch_size], device)  # (B, T) each
         logits, _ = model(tokens, mask)  # (B, T, V)
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
-        keep = scored[:, 1:].float()
-        counts = keep.sum(1)
-        means = (nll * keep).sum(1) / counts.clamp_min(1)
-        out += [float(m) if c else None for m, c in zip(means, counts)]
+        keep = scored[:, 1:].bool()
+        sums = torch.where(keep, nll, torch.zeros_like(nll)).double().sum(1)  # (B,)
+        out += [(float(s), int(c)) for s, c in zip(sums, keep.sum(1))]
     return out
 
 
