@@ -399,3 +399,8 @@ def pad(rows: list[list[int]], value: int, side: str = "right", length: int | No
         fill = [value] * (T - len(row))
         padded.append(row + fill if side == "right" else fill + row)
     return torch.tensor(padded, dtype=torch.long)  # (B, T)
+
+
+if __name__ == "__main__":
+    import build_set  # `python data.py build ...`: a circuit-breaker set written by a model (build_set.py)
+    build_set.main()

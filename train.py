@@ -51,7 +51,7 @@ def opt(default, help: str, choices=None):
 
 @dataclass
 class TrainConfig:
-    model: str = opt("llama3", "preset (sets the fields marked 'preset')", ("llama3", "mistral", "toy"))
+    model: str = opt("llama3", "preset (sets the fields marked 'preset')", ("llama3", "mistral", "toy", "smollm2"))
     model_path: str = opt("", "HF model directory (preset: checkpoints/<model name>)")
     data_dir: str = opt("data", "directory with circuit_breakers_train.json, ultrachat.jsonl, xstest csv")
     out: str = opt("", "output directory (default: out/<model>)")
@@ -122,8 +122,19 @@ PRESETS = {
                 lora_init_std=5e-2, retain_pad_to=128, n_ultrachat=2000, xstest_repeat=12, val_every=0,
                 ckpt_every=0, log_every=10,
                 threads=1),  # matrices this small gain nothing from threads; on a busy CPU they cost
+    # A real chat model on 2 CPU cores (README, "A real model on a CPU", says how each value was chosen):
+    # the paper's relative depths (hidden states 10 and 20 of 30, LoRA on blocks 0-20), a set the model
+    # wrote itself (`python data.py build`), no refusal retain (it does not refuse), and the toy's two
+    # lessons: B starts as small noise, and the retain term divides by positions its rows fill as the
+    # official rows fill 1024 (mean ~170 tokens here, 324 officially). XSTest x2 keeps its official
+    # share of the retain set (230 rows x 50 against 10,000 UltraChat; here x2 against 400 answers).
+    "smollm2": dict(model_path="checkpoints/SmolLM2-135M-Instruct", data_dir="data/smollm2", target_layers=(10, 20),
+                    loss_alpha=10.0, refusal_retain=False, with_request="random", steps=60, batch_size=8,
+                    lr=5e-4, lora_init_std=5e-2, retain_pad_to=512, n_ultrachat=400, xstest_repeat=2,
+                    val_every=0, ckpt_every=20, log_every=5),
 }
-HUB_IDS = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistralai/Mistral-7B-Instruct-v0.2"}
+HUB_IDS = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistralai/Mistral-7B-Instruct-v0.2",
+           "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
