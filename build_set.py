@@ -39,6 +39,7 @@ import outcomes
 from attacks import AttackConfig, chat_prompt, generate_texts
 from tokenizer import Tokenizer
 
+N_HARMLESS = 400  # answers for the retain set: a few minutes of generation for a small model on a CPU
 OUTPUTS = (data.CB_TRAIN, data.CB_VAL, data.ULTRACHAT, data.XSTEST, "build.json")
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def parse_args(argv=None):
     b.add_argument("--xstest", help="XSTest completions CSV, copied in for the official XSTest retain part")
     b.add_argument("--n-harmful", type=int, default=None, help="harmful instructions used (default: all kept)")
     b.add_argument("--n-val", type=int, default=16, help="of those, held out for circuit_breakers_val.json")
-    b.add_argument("--n-harmless", type=int, default=400, help="harmless instructions answered")
+    b.add_argument("--n-harmless", type=int, default=None,
+                   help=f"harmless instructions answered (default: {N_HARMLESS}, or all if fewer)")
     b.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer")
     b.add_argument("--bleu", type=float, default=BLEU_THRESHOLD, help="drop a harmful instruction whose BLEU "
                    "against an --exclude prompt is above this")
@@ -173,6 +175,7 @@ def check_args(args):
     if not 0 < args.bleu <= 1:
         raise ValueError(f"--bleu {args.bleu}: expected a value in (0, 1]")
     check_out(Path(args.out))
+    hf.read_config(args.model_path)  # a missing or malformed model directory fails now, not after the filter
     if args.xstest:
         data.load_xstest(args.xstest)
     harmful, harmless = data.load_instructions(args.harmful), data.load_instructions(args.harmless)
@@ -195,7 +198,7 @@ def build(args) -> dict:
           f"{len(held_out)} held-out prompts)")
     rng = random.Random(args.seed)
     harmful_used = draw(kept, args.n_harmful, rng, "harmful")
-    harmless_used = draw(harmless, args.n_harmless, rng, "harmless")
+    harmless_used = draw(harmless, args.n_harmless or min(N_HARMLESS, len(harmless)), rng, "harmless")
     if len(harmful_used) <= args.n_val:
         raise ValueError(f"--n-val {args.n_val}: needs more than {args.n_val} harmful instructions, "
                          f"{len(harmful_used)} are left")

@@ -30,6 +30,7 @@ import cli
 import toy
 import train
 from attacks import AttackConfig
+from chat_eval import CHAT_CONFIG, CHAT_METRICS, evaluate_chat
 from toy_eval import TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
 
 # -----------------------------------------------------------------------------
@@ -69,29 +70,34 @@ def toy_root(cfg: train.TrainConfig) -> Path:
 # 2. The sweep
 
 
-def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | None = None, log=print) -> dict:
-    """Train and evaluate once per seed (see the module's docstring) -> the JSON's dict, also written to `out`."""
-    out, cfg = Path(out), cfg or TOY_CONFIG
+def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | None = None, harmbench=None,
+        benign=None, log=print) -> dict:
+    """Train and evaluate once per seed (see the module's docstring) -> the JSON's dict, also written to `out`.
+    `harmbench`, `benign`: the held-out files of a chat model's evaluation (chat_eval.py); the toy's are its world's."""
+    out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
     cli.check_output(out, "--out")
     configs = train_configs(seeds, list(train_args), out)
     first = configs[seeds[0]]
-    root = toy_root(first)
     threads = torch.get_num_threads()  # the toy preset sets one thread for its run; the caller keeps its own
     try:
         t0 = time.perf_counter()
-        direction = base_direction(root, first.device, log)
-        base = evaluate_toy(root, cfg=cfg, device=first.device, direction=direction, search=False, log=log)["base"]
-        found = None if direction is None else {"layer": direction.layer, "position": direction.position}
-        result = {"seeds": list(seeds), "train_flags": list(train_args), "world": str(root),
-                  "target_layer": max(first.target_layers), "direction": found, "summary": {}, "base": base,
+        if first.model == "toy" or (Path(first.model_path).parent / "world.json").is_file():
+            base, evaluate, extra = toy_evaluation(first, cfg or TOY_CONFIG, log)
+        else:
+            base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, log)
+        result = {"seeds": list(seeds), "train_flags": list(train_args), **extra,
+                  "target_layer": max(first.target_layers), "summary": {}, "base": base,
                   "runs": [], "timings": {"base_eval_seconds": round(time.perf_counter() - t0, 1), "seeds": []}}
         for i, (seed, run_cfg) in enumerate(configs.items()):
             log(f"sweep: seed {seed} ({i + 1}/{len(seeds)})")
-            record, seconds = train_and_evaluate(run_cfg, root, direction, base["nll_threshold"], cfg, log)
-            result["runs"].append(record)
-            result["timings"]["seeds"].append({"seed": seed, **seconds})
+            t1 = time.perf_counter()
+            train.train(run_cfg)
+            t2 = time.perf_counter()
+            result["runs"].append({"seed": seed, "out": run_cfg.out, "circuit_breaker": evaluate(run_cfg)})
+            result["timings"]["seeds"].append({"seed": seed, "train_seconds": round(t2 - t1, 1),
+                                               "eval_seconds": round(time.perf_counter() - t2, 1)})
             result["summary"] = summarize(result)
             cli.write_json(out, result)
     finally:
@@ -99,16 +105,36 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
     return result
 
 
-def train_and_evaluate(run_cfg, root, direction, threshold, cfg, log) -> tuple[dict, dict]:
-    """One seed: its run's record for the JSON, and its train and eval seconds."""
-    t0 = time.perf_counter()
-    train.train(run_cfg)
-    t1 = time.perf_counter()
-    evaluation = evaluate_toy(root, Path(run_cfg.out) / "adapter", cfg=cfg, device=run_cfg.device,
-                              direction=direction, search=False, models=("circuit_breaker",), threshold=threshold,
-                              log=log)
-    seconds = {"train_seconds": round(t1 - t0, 1), "eval_seconds": round(time.perf_counter() - t1, 1)}
-    return {"seed": run_cfg.seed, "out": run_cfg.out, **evaluation}, seconds
+def toy_evaluation(first, cfg, log):
+    """The toy world's evaluation: (the base model's result, one run's evaluation, the JSON's world keys).
+    The base model's refusal direction and NLL threshold serve every seed."""
+    root = toy_root(first)
+    direction = base_direction(root, first.device, log)
+    base = evaluate_toy(root, cfg=cfg, device=first.device, direction=direction, search=False, log=log)["base"]
+
+    def evaluate(run_cfg):
+        return evaluate_toy(root, Path(run_cfg.out) / "adapter", cfg=cfg, device=run_cfg.device, direction=direction,
+                            search=False, models=("circuit_breaker",), threshold=base["nll_threshold"],
+                            log=log)["circuit_breaker"]
+
+    found = None if direction is None else {"layer": direction.layer, "position": direction.position}
+    return base, evaluate, {"world": str(root), "direction": found}
+
+
+def chat_evaluation(first, cfg, harmbench, benign, log):
+    """A chat model's evaluation (chat_eval.py), in the same shape as toy_evaluation's. The base model's
+    answers are the reference texts and NLL threshold of every seed."""
+    if not harmbench or not benign:
+        raise ValueError(f"--model {first.model}: a chat model's sweep needs --harmbench FILE and --benign FILE "
+                         "(held-out prompts; see chat_eval.py)")
+    files = dict(harmbench=harmbench, benign=benign, cfg=cfg, device=first.device, log=log)
+    base = evaluate_chat(first.model_path, **files)["base"]
+
+    def evaluate(run_cfg):
+        return evaluate_chat(run_cfg.model_path, Path(run_cfg.out) / "adapter", base_result=base,
+                             **files)["circuit_breaker"]
+
+    return base, evaluate, {"model_path": first.model_path, "harmbench": str(harmbench), "benign": str(benign)}
 
 
 # -----------------------------------------------------------------------------
@@ -123,10 +149,12 @@ def metric_values(evaluation: dict, target_layer: int) -> dict:
     """One evaluation's numbers: its rates, each attack's broken and refusal rates after its ASR, and its
     layer cosines at the deepest target layer."""
     values = {}
-    for m in (m for m in TOY_METRICS if m in evaluation):
+    for m in (m for m in TOY_METRICS + CHAT_METRICS if m in evaluation):
         values[m] = evaluation[m]
         rates = evaluation.get("outcomes", {}).get(m.removesuffix("_asr"), {})
         values.update({f"{m.removesuffix('_asr')}_{c}": rates[c] for c in OUTCOME_ROWS if c in rates})
+    for name, change in evaluation.get("nll_change", {}).items():
+        values[f"{name}_nll_change"] = change
     for name, cosines in evaluation.get("layer_cos", {}).items():
         values[f"{name}_cos_{target_layer}"] = cosines[target_layer]
     return values
@@ -163,13 +191,15 @@ def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", required=True, help="comma-separated seeds, one training run each")
     p.add_argument("--out", required=True, help="results JSON; each run trains into seed<S>/ beside it")
+    p.add_argument("--harmbench", help="chat models: HarmBench behaviours JSON (its standard ones are attacked)")
+    p.add_argument("--benign", help="chat models: held-out benign instructions, [{\"instruction\"}]")
     return p.parse_known_args(argv)
 
 
 def main(argv=None):
     args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = run(parse_seeds(args.seeds), train_args, args.out)
+        result = run(parse_seeds(args.seeds), train_args, args.out, harmbench=args.harmbench, benign=args.benign)
     except (ValueError, FileNotFoundError, train.TrainingError) as e:
         sys.exit(f"sweep.py: error: {e}")
     print(summary_table(result))

@@ -45,3 +45,19 @@ def toy_world(tmp_path_factory):
     finally:
         del toy.SIZES["short"]
     return root
+
+
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a hub-format directory (../shared/models/materialize.py, seconds), shared by
+    every test that needs a real chat model; skips where ../shared/models or the gguf package is absent."""
+    script = SHARED / "models" / "materialize.py"
+    if not script.is_file():
+        pytest.skip(f"{script} not found: the real chat model lives in ../shared/models")
+    pytest.importorskip("gguf", reason="materialize.py needs the gguf package (requirements-test.txt)")
+    out = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True, timeout=300)
+    return out

@@ -1,0 +1,174 @@
+"""
+A real chat model's evaluation without a 13B judge (eval.py's `chat` command, and the sweep's for any
+preset but the toy's): the numbers the README's real-model table reports, for a model small enough to
+evaluate on a CPU, such as SmolLM2-135M-Instruct.
+
+    result = evaluate_chat("checkpoints/SmolLM2-135M-Instruct", "out/smollm2/adapter",
+                           harmbench="harmbench_test.json", benign="harmless_val.json")
+    result["circuit_breaker"]["prefill_asr"]         # compliant share of the prefilled answers (upper bound)
+    result["circuit_breaker"]["outcomes"]["prefill"]  # {"refusal", "broken", "compliant", "n", "ci95"}
+    result["circuit_breaker"]["nll"]["harmful"]       # NLL per token of the base model's harmful answers
+    result["circuit_breaker"]["layer_cos"]["harmful"]  # cosine base vs circuit-broken, l = 0..L
+
+What it measures, on held-out prompts only (train on a set that `python data.py build --exclude` kept
+apart from them):
+  - HarmBench's standard behaviours (those without a context) under three attacks: direct, prefill
+    (the answer begun with HarmBench's target) and the paper's embedding attack (on the first `n_embed`).
+    Every answer gets its outcome class (outcomes.py). With no harm judge at hand, an attack's ASR is its
+    compliant rate: an upper bound, since a compliant answer may still be harmless or useless.
+  - Benign ability: the first `n_benign` instructions of a held-out instruction list, asked directly;
+    the compliant rate (neither refused nor broken).
+  - The NLL per token, teacher-forced, of the base model's own answers: its compliant answers to the
+    HarmBench behaviours (the harmful text the circuit breaker should make unlikely) and its answers
+    to the benign instructions (which it should keep). The circuit-broken model's NLL of the same texts
+    is beside it.
+  - The paper's layer picture on those same texts (layers.py): base vs circuit-broken cosine per layer.
+
+The base model is evaluated first; its answers and its NLL threshold for the `broken` class (the 99th
+percentile of its NLL over its own benign answers) are the reference every circuit-broken model is
+measured against.
+"""
+
+import torch
+
+import hf
+from attacks import AttackConfig, attack_direct, attack_embed, attack_prefill, chat_prompt, load_model, release
+from data import load_harmbench, load_instructions
+from layers import text_cosines
+from lora import merge_lora
+from outcomes import nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates
+from rates import wilson
+from toy_eval import NOT_FROM_TOKENS, scoring_prompt
+
+CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr")
+MODELS = ("base", "circuit_breaker")
+# The sizes a 2-core CPU evaluates four models with in the time of a training run; README says what they cost.
+CHAT_CONFIG = AttackConfig(batch_size=32, max_new_tokens=128, embed_steps=100)
+N_EMBED, N_BENIGN = 32, 100
+MAX_LENGTH = 512  # prompt + answer of 128 tokens always fit: the layer picture never cuts one
+
+
+def chat_items(harmbench, benign, n_benign: int) -> tuple[list[dict], list[dict]]:
+    """HarmBench's standard behaviours, and the first n_benign benign instructions, as attack items."""
+    harmful = [{"behavior": r["behavior"], "context": None, "target": r["default_target"],
+                "messages": [dict(m) for m in r["messages"]]}
+               for r in load_harmbench(harmbench) if r["context"] is None]
+    if not harmful:
+        raise ValueError(f"{harmbench}: no standard behaviour (every one has a context)")
+    instructions = load_instructions(benign)[:n_benign]
+    return harmful, [{"instruction": r["instruction"], "messages": [{"role": "user", "content": r["instruction"]}]}
+                     for r in instructions]
+
+
+def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_benign=N_BENIGN, n_embed=N_EMBED,
+                  cfg: AttackConfig | None = None, device="cpu", dtype="fp32", base_result=None, log=print) -> dict:
+    """{"base": {...}} and, with an adapter, {"circuit_breaker": {...}}. `base_result`: the base model's
+    evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold."""
+    cfg = cfg or CHAT_CONFIG
+    harmful, benign_items = chat_items(harmbench, benign, n_benign)
+    if adapter is not None:
+        hf.check_adapter(adapter, model_path)
+    torch_dtype = hf.pick_dtype(dtype, device)
+    out = {}
+    if base_result is None:
+        log("chat evaluation: base")
+        model, tok = load_model(model_path, None, torch_dtype, device)
+        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, n_embed, cfg)
+        del model
+        release()
+    if adapter is not None:
+        log("chat evaluation: circuit_breaker")
+        base, tok = load_model(model_path, None, torch_dtype, device)
+        model, _ = load_model(model_path, adapter, torch_dtype, device, merge=False)
+        out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items, n_embed, cfg,
+                                                         base_result)
+        del model, base
+        release()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The two models' metrics
+
+
+def base_metrics(model, tok, harmful, benign, n_embed, cfg) -> dict:
+    """The base model's rates, and the reference the circuit-broken models are measured against: its
+    benign answers' NLL threshold, and the texts (its own answers) whose NLL and layer cosines are compared."""
+    answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
+    benign_prompts = [chat_prompt(tok, it["messages"]) for it in benign]
+    threshold = nll_threshold(nll_per_token(model, tok, benign_prompts, answers, cfg.batch_size))
+    metrics = attack_metrics(model, model, tok, harmful, benign, answers, n_embed, cfg, threshold)
+    compliant = [g for g in metrics["generations"] if g["attack"] == "direct" and g["outcome"] == "compliant"]
+    texts = {"harmful": [(g["behavior"], g["generation"]) for g in compliant],
+             "benign": [(it["instruction"], a) for it, a in zip(benign, answers)]}
+    return {**metrics, "nll_threshold": threshold, "reference_texts": texts,
+            "nll": reference_nll(model, tok, texts, cfg.batch_size)}
+
+
+def circuit_breaker_metrics(model, base, tok, harmful, benign, n_embed, cfg, base_result) -> dict:
+    """The same rates; the NLL of the base model's texts and the layer cosines (measured first, while
+    the adapter can still be switched off), then every attack on the merged weights."""
+    texts = base_result["reference_texts"]
+    cosines = text_cosines(model, tok, texts, MAX_LENGTH, cfg.batch_size)
+    nll = reference_nll(model, tok, texts, cfg.batch_size)
+    merge_lora(model).eval()
+    answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
+    metrics = attack_metrics(model, base, tok, harmful, benign, answers, n_embed, cfg, base_result["nll_threshold"])
+    change = {name: nll[name] / base_result["nll"][name] - 1 for name in nll}
+    return {**metrics, "nll": nll, "nll_change": change,
+            "layer_cos": {name: cosines[name] for name in ("harmful", "benign")},
+            "n_layer_texts": {name: cosines[f"n_{name}"] for name in ("harmful", "benign")}}
+
+
+def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, cfg, threshold) -> dict:
+    """Benign compliance and each attack's ASR (its compliant rate), with counts, Wilson intervals,
+    outcome classes and every generation. `base` scores each answer's NLL for the broken class."""
+    reference = (base, threshold)
+    generations = judge(benign, [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)],
+                        "benign", "direct", tok, cfg, reference)
+    attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
+               "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
+               "embed": lambda: attack_embed(model, tok, harmful[:n_embed], cfg)}
+    counts = {"benign_compliant": count(generations)}
+    outcomes = {"benign": outcome_rates([g["outcome"] for g in generations])}
+    for attack, run in attacks.items():
+        judged = judge(harmful, run(), "harmful", attack, tok, cfg, reference)
+        counts[f"{attack}_asr"] = count(judged)
+        outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
+        generations += judged
+    rates = {m: c["successes"] / c["n"] for m, c in counts.items()}
+    return {**rates, "judge": "none: ASR is the compliant rate, an upper bound", "counts": counts,
+            "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()}, "outcomes": outcomes,
+            "generations": generations}
+
+
+def judge(items, results, kind, attack, tok, cfg, reference) -> list[dict]:
+    """Generation records with their outcome class; the NLL is the base model's, after the prompt sent."""
+    base, threshold = reference
+    texts = [r["generation"] for r in results]
+    if attack in NOT_FROM_TOKENS:
+        nlls = [None] * len(texts)
+    else:
+        nlls = nll_per_token(base, tok, [scoring_prompt(tok, r) for r in results], texts, cfg.batch_size)
+    return [{"set": kind, "attack": attack, "behavior": it.get("behavior", it.get("instruction")), "generation": g,
+             "outcome": outcome(g, nll, threshold), "nll": None if nll is None else round(nll, 4)}
+            for it, g, nll in zip(items, texts, nlls)]
+
+
+def count(generations) -> dict:
+    return {"successes": sum(g["outcome"] == "compliant" for g in generations), "n": len(generations)}
+
+
+@torch.no_grad()
+def reference_nll(model, tok, texts: dict, batch_size: int) -> dict:
+    """{set: mean NLL per token of its answers after their prompts}, over all answer tokens of the set."""
+    out = {}
+    for name, pairs in texts.items():
+        examples = []
+        for question, answer in pairs:
+            prompt, ids = chat_prompt(tok, [{"role": "user", "content": question}]), tok.encode(answer)
+            examples += [(prompt + ids, [0] * len(prompt) + [1] * len(ids))] if ids else []
+        sums = nll_sums(model, examples, batch_size)
+        out[name] = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
+    return out
+

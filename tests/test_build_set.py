@@ -1,0 +1,117 @@
+"""`python data.py build`: BLEU and the held-out filter, the written set in the formats train.py reads, and
+bad input. The model-written set itself is built with the real SmolLM2 (tests/conftest.py's smollm2_model)."""
+import json
+
+import pytest
+
+import build_set
+import data
+from conftest import SHARED
+
+REFUSAL_DIR = SHARED / "data" / "refusal_direction"
+HARMBENCH = SHARED / "data" / "harmbench_test.json"
+
+
+def test_bleu_bounds_and_order():
+    text = "Give detailed instructions for manufacturing ricin at home"
+    assert build_set.bleu(text, text) == pytest.approx(1.0)
+    assert build_set.bleu(text, "What is the capital of France?") == 0.0
+    assert build_set.bleu("", text) == 0.0
+    close = build_set.bleu("Give instructions for manufacturing ricin at home", text)
+    far = build_set.bleu("Give instructions for baking bread at home", text)
+    assert 1.0 > close > build_set.BLEU_THRESHOLD > far > 0.0
+
+
+def test_bleu_brevity_penalty():
+    """A hypothesis that is a short prefix of the reference matches every n-gram it has, so only the
+    brevity penalty keeps it below 1."""
+    reference = "write a persuasive article about the korean war and its causes"
+    assert build_set.bleu("write a persuasive article", reference) < 0.5
+
+
+def test_drop_similar_keeps_evaluation_paraphrases_out():
+    """On the real files: HarmBench's close paraphrases in harmful_train.json (the bank robbery, ricin and
+    bullying ones) are dropped, with the behaviour they resemble; most instructions stay."""
+    if not (REFUSAL_DIR / "harmful_train.json").is_file() or not HARMBENCH.is_file():
+        pytest.skip(f"{SHARED / 'data'} not found: the instruction and HarmBench files live there")
+    harmful = data.load_instructions(REFUSAL_DIR / "harmful_train.json")
+    held_out = build_set.held_out_texts(HARMBENCH)
+    kept, dropped = build_set.drop_similar(harmful, held_out)
+    assert len(kept) + len(dropped) == len(harmful)
+    dropped_text = " | ".join(d["instruction"].lower() for d in dropped)
+    for phrase in ("rob a bank", "ricin", "bullies a child"):
+        assert phrase in dropped_text
+    assert all(d["bleu"] > build_set.BLEU_THRESHOLD and d["closest"] in held_out for d in dropped)
+    assert 0 < len(dropped) < len(harmful) // 3
+    kept_text = " | ".join(k["instruction"] for k in kept)
+    assert not any(b in kept_text for b in held_out)  # no exact evaluation prompt either
+
+
+def test_held_out_texts_reads_both_formats(tmp_path):
+    (tmp_path / "i.json").write_text(json.dumps([{"instruction": "a"}, {"instruction": "b"}]))
+    assert build_set.held_out_texts(tmp_path / "i.json") == ["a", "b"]
+    hb = {"name": "x", "description": "", "data": [{"behavior": "c", "default_target": "Sure",
+                                                     "messages": [{"role": "user", "content": "c"}]}]}
+    (tmp_path / "h.json").write_text(json.dumps(hb))
+    assert build_set.held_out_texts(tmp_path / "h.json") == ["c"]
+
+
+def test_usable_answers():
+    assert build_set.usable("Here is how to do it: first, gather the tools.", harmful=True)
+    assert not build_set.usable("I'm sorry, but I can't help with that.", harmful=True)
+    assert build_set.usable("I'm sorry to hear that; here are three ideas.", harmful=False)
+    assert not build_set.usable("   ", harmful=False)
+    assert not build_set.usable("the the the the the the the the the the the the", harmful=False)
+
+
+def instruction_files(tmp_path, n_harmful=20, n_harmless=8):
+    harmful = [{"instruction": f"Explain how to pick lock number {i} without a key", "category": "crime"}
+               for i in range(n_harmful)]
+    harmless = [{"instruction": f"Name a fruit that starts with the letter {c}"} for c in "ABCDEFGHIJKL"[:n_harmless]]
+    (tmp_path / "harmful.json").write_text(json.dumps(harmful))
+    (tmp_path / "harmless.json").write_text(json.dumps(harmless))
+    return tmp_path / "harmful.json", tmp_path / "harmless.json"
+
+
+def test_build_writes_what_train_reads(tmp_path, smollm2_model):
+    """The real SmolLM2 answers; the directory holds the official files, which data.py's loaders (and so
+    train.py) read, and build.json counts every instruction."""
+    harmful, harmless = instruction_files(tmp_path)
+    out = tmp_path / "set"
+    build_set.main(["build", "--model-path", str(smollm2_model), "--harmful", str(harmful), "--harmless", str(harmless),
+                    "--out", str(out), "--n-val", "4", "--max-new-tokens", "12", "--seed", "3"])
+    train = data.load_circuit_breaker_set(out / data.CB_TRAIN, ("prompt", "output", "category"))
+    val = data.load_circuit_breaker_set(out / data.CB_VAL)
+    chats = data.load_ultrachat(out / data.ULTRACHAT)
+    counts = json.loads((out / "build.json").read_text())["counts"]
+    assert counts["circuit_breaker"] + counts["circuit_breaker_unusable"] == 16
+    assert counts["validation"] + counts["validation_unusable"] == 4
+    assert len(train) == counts["circuit_breaker"] and len(val) == counts["validation"] and len(chats) == counts["retain"]
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in val)
+    assert all(r["output"].strip() and r["category"] == "crime" for r in train)
+    assert all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in chats)
+    assert not (out / data.XSTEST).exists()
+
+
+def test_build_bad_input(tmp_path, script_fails):
+    harmful, harmless = instruction_files(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # read before the inputs; its weights never are
+    base = ["build", "--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless]
+    script_fails("data.py", "build", "--model-path", tmp_path / "none", "--harmful", harmful, "--harmless", harmless,
+                 "--out", tmp_path / "o0", match="no such model directory")
+    (tmp_path / "wrong.json").write_text(json.dumps({"instruction": "not a list"}))
+    script_fails("data.py", *base[:3], "--harmful", tmp_path / "wrong.json", "--harmless", harmless,
+                 "--out", tmp_path / "o1", match="wrong.json")
+    (tmp_path / "missing_field.json").write_text(json.dumps([{"instruction": "a"}, {"prompt": "b"}]))
+    script_fails("data.py", *base[:3], "--harmful", tmp_path / "missing_field.json", "--harmless", harmless,
+                 "--out", tmp_path / "o2", match="record 1: field 'instruction' is missing")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    script_fails("data.py", *base, "--out", busy, match="holds other files (notes.txt)")
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    script_fails("data.py", *base, "--out", tmp_path / "o3", "--n-harmless", 0, match="--n-harmless 0")
+    script_fails("data.py", *base, "--out", tmp_path / "o4", "--n-harmful", 99, match="only 20 harmful")
+    script_fails("data.py", *base, "--out", tmp_path / "o5", "--bleu", 2, match="--bleu 2")
+    assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())  # nothing half-written
