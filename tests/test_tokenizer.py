@@ -318,7 +318,7 @@ def test_from_pretrained_bad_input(tmp_path):
         Tokenizer.from_pretrained(tmp_path, chat_format="mistral")
     with pytest.raises(ValueError, match="cannot use chat_format 'chatml'"):
         Tokenizer.from_pretrained(tmp_path, chat_format="chatml")
-    with pytest.raises(ValueError, match="expected one of llama3, mistral, llama2, chatml"):
+    with pytest.raises(ValueError, match="expected one of llama3, llama3.1, llama3.2, mistral, llama2, chatml"):
         Tokenizer.from_pretrained(tmp_path, chat_format="gpt2")
 
 
