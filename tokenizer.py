@@ -67,7 +67,7 @@ LLAMA3_TEMPLATES = {
 }
 # The system turn the Llama-3.1/3.2 templates write first (without tools), before any system message.
 LLAMA31_SYSTEM = "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
-LLAMA31_DATE = "26 Jul 2024"   # the date the templates write when they are given none (3.2: without strftime_now)
+LLAMA31_DATE = "26 Jul 2024"   # Llama-3.1's date (and 3.2's when the renderer has no strftime_now)
 
 # SmolLM2-Instruct's chat_template (tokenizer_config.json), verbatim: ChatML with a default system turn.
 # A tokenizer.json model must carry a template listed here; any other is refused, not guessed.
@@ -117,8 +117,9 @@ class Tokenizer:
         if chat_format in LLAMA3_FORMATS:
             self.bos_id = special["<|begin_of_text|>"]
             self.eos_id = special["<|end_of_text|>"]
-            # Llama-3.1+ also ends a turn with <|eom_id|> when it calls a tool and expects the answer back.
-            self.stop_ids = [self.eos_id, special["<|eot_id|>"]] + [special[s] for s in ["<|eom_id|>"] if s in special]
+            self.stop_ids = [self.eos_id, special["<|eot_id|>"]]
+            if "<|eom_id|>" in special:   # Llama-3.1+ ends a turn with it when it calls a tool and awaits the result
+                self.stop_ids.append(special["<|eom_id|>"])
         elif chat_format == "chatml":
             # SmolLM2's config names <|im_start|> bos and <|im_end|> eos; the template adds no bos of its own.
             self.bos_id, self.eos_id = special["<|im_start|>"], special["<|im_end|>"]
@@ -147,6 +148,7 @@ class Tokenizer:
         """
         model_dir = Path(model_dir)
         path = _find_tokenizer_file(model_dir)
+        folder = model_dir if model_dir.is_dir() else path.parent
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ValueError(f"chat_format {chat_format!r}: expected one of {', '.join(CHAT_FORMATS)}")
         if path.suffix == ".json":
@@ -154,16 +156,17 @@ class Tokenizer:
         elif _is_tiktoken_file(path):
             if chat_format not in (None, *LLAMA3_FORMATS):
                 raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer cannot use chat_format {chat_format!r}")
-            tokenizer = cls._from_tiktoken(path, model_dir if model_dir.is_dir() else path.parent, chat_format)
+            # Meta's file in original/ goes with the template of the model folder above it.
+            tokenizer = cls._from_tiktoken(path, folder.parent if folder.name == "original" else folder, chat_format)
         else:
-            tokenizer = cls._from_sentencepiece(path, model_dir if model_dir.is_dir() else path.parent, chat_format)
+            tokenizer = cls._from_sentencepiece(path, folder, chat_format)
         tokenizer.path = path
         tokenizer.date_string = date_string
         return tokenizer
 
     @classmethod
     def _from_tiktoken(cls, path: Path, model_dir: Path, chat_format: str | None) -> "Tokenizer":
-        found = _chat_template_format(model_dir, path, required=False)
+        found = _chat_template_format(model_dir, required=False)
         if found is not None and found[0] not in LLAMA3_FORMATS:
             raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer beside a {found[0]} chat template")
         if found is not None and chat_format not in (None, found[0]):
@@ -202,7 +205,7 @@ class Tokenizer:
             model = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for unreadable files
             raise ValueError(f"{path}: not a tokenizer.json the tokenizers library reads ({e})") from None
-        found, default_system = _chat_template_format(path.parent, path)
+        found, default_system = _chat_template_format(path.parent)
         if chat_format not in (None, found):
             raise ValueError(f"{path}: its chat template is {found}; it cannot use chat_format {chat_format!r}")
         # Llama-3.x's tokenizer.json is its tiktoken file in another form (same ids, though without Meta's cut
@@ -473,7 +476,7 @@ def _chat_format_from_config(model_dir: Path, path: Path) -> str:
     return "mistral" if "MistralForCausalLM" in architectures else "llama2"
 
 
-def _chat_template_format(model_dir: Path, path: Path, required: bool = True) -> tuple[str, str | None] | None:
+def _chat_template_format(model_dir: Path, required: bool = True) -> tuple[str, str | None] | None:
     """(chat format, default system message) of the chat template beside a tokenizer file: transformers
     writes it to chat_template.jinja (newer) or tokenizer_config.json's "chat_template". None when there is
     no template and it is not `required` (Meta's tiktoken file alone is Llama-3's)."""

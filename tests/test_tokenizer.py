@@ -296,6 +296,7 @@ def test_llama3x_which_template(tmp_path):
     (path / "original" / "tokenizer.model").symlink_to(LLAMA3_DIR / "tokenizer.model")
     (path / "chat_template.jinja").write_text(LLAMA32_JINJA)
     assert Tokenizer.from_pretrained(path).chat_format == "llama3.2"
+    assert Tokenizer.from_pretrained(path / "original" / "tokenizer.model").chat_format == "llama3.2"
     # chat_format must agree with the template, and names one when there is none.
     with pytest.raises(ValueError, match="its chat template is llama3.2; it cannot use chat_format 'llama3'"):
         Tokenizer.from_pretrained(path, chat_format="llama3")
