@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import hf
 import refusal
-from tokenizer import Tokenizer, template_tail
+from tokenizer import LLAMA3_FORMATS, Tokenizer, template_tail
 
 # -----------------------------------------------------------------------------
 # 1. Attack settings: the official values are the defaults, and eval.py's flags are built from them.
@@ -156,7 +156,7 @@ def append_text(tok, ids, text) -> list[int]:
     spaces before it merges, so only the prompt's last word (from its last piece that starts with "▁")
     can join the text: that word is re-encoded with the text. Llama-3's prompt ends in a special token,
     which nothing joins, and the toy world's sentencepiece model was trained on turns encoded apart."""
-    if tok.chat_format == "llama3":
+    if tok.chat_format in LLAMA3_FORMATS:
         return ids + tok.encode(text)
     last = max(i for i, t in enumerate(ids) if tok.model.id_to_piece(t).startswith("▁"))
     return ids[:last] + tok.encode(tok.decode(ids[last:]) + text)

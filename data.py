@@ -50,7 +50,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from tokenizer import Tokenizer, check_messages
+from tokenizer import LLAMA3_FORMATS, Tokenizer, check_messages
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Loaders. Each returns a plain list of dicts, or raises one error naming the file, the record (index
@@ -229,7 +229,8 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
                         log: Callable[[str], None] = print) -> tuple[list[Example], list[Example], list[Example]]:
     """(circuit-breaker, retain, validation) examples from the official files in `data_dir`.
 
-    refusal_retain: add Llama-3's refusals (`llama3_output`) to the retain set; None = official (Llama-3 only).
+    refusal_retain: add Llama-3's refusals (`llama3_output`) to the retain set; None = official (Llama-3 only;
+        Llama-3.1/3.2 count as Llama-3 here and below).
     with_request: "random" (each example keeps its request or gets an empty user turn, even odds) or
         "always"; None = official ("random" for the Llama-3 template, "always" otherwise).
     loss_on: "full" (official: the rerouting loss sees the whole circuit-breaker text) or "response".
@@ -239,9 +240,9 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
     Every file is read and checked before any tokenizing.
     """
     if refusal_retain is None:
-        refusal_retain = tokenizer.chat_format == "llama3"
+        refusal_retain = tokenizer.chat_format in LLAMA3_FORMATS
     if with_request is None:
-        with_request = "random" if tokenizer.chat_format == "llama3" else "always"
+        with_request = "random" if tokenizer.chat_format in LLAMA3_FORMATS else "always"
     if with_request not in ("random", "always"):
         raise ValueError(f"with_request {with_request!r}: expected 'random' or 'always'")
     if loss_on not in ("full", "response"):

@@ -262,7 +262,7 @@ def read_safetensors(file) -> dict[str, torch.Tensor]:
 
 
 TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 
 
 @contextmanager

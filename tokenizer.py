@@ -1,22 +1,25 @@
-"""Tokenizers and exact chat templates: Llama-3 (tiktoken), Mistral and Llama-2 (sentencepiece), and
-SmolLM2's ChatML (a Hugging Face tokenizer.json).
+"""Tokenizers and exact chat templates: Llama-3, 3.1 and 3.2 (tiktoken), Mistral and Llama-2
+(sentencepiece), and SmolLM2's ChatML (a Hugging Face tokenizer.json).
 
 Reading order:
   1. Tokenizer: Llama-3's tiktoken file or a sentencepiece model, loaded from `tokenizer.model`; else a
      `tokenizer.json`, read by the `tokenizers` library, whose chat template tokenizer_config.json names.
-  2. Chat templates: Llama-3, Mistral (v0.1/v0.2), Llama-2-chat and ChatML, token for token as the models
-     saw them.
+  2. Chat templates: Llama-3 (and 3.1/3.2, which open with a dated system turn), Mistral (v0.1/v0.2),
+     Llama-2-chat and ChatML, token for token as the models saw them.
   3. Messages: the checks every template makes, the turn order Mistral and Llama-2 need, and where their
      system prompt goes (they have no system turn).
   4. The template's tail: the tokens between the end of the user's text and the model's answer.
   5. Reading the files: tiktoken's BPE ranks, Meta's cut of long runs, sentencepiece's control pieces,
-     config.json for which sentencepiece template, and tokenizer_config.json's chat template.
+     config.json for which sentencepiece template, and tokenizer_config.json's chat template (which of
+     Llama-3, 3.1 or 3.2 a tiktoken file is).
 """
 
 import base64
 import binascii
+import hashlib
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -43,7 +46,28 @@ LLAMA3_SPECIALS = [
 # The tokens the Llama-3 template inserts. A sentencepiece model holding all of them (the toy world's
 # tokenizer) uses the Llama-3 template too.
 LLAMA3_CONTROL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-CHAT_FORMATS = ("llama3", "mistral", "llama2", "chatml")
+# Llama-3.1 renamed some reserved tokens (llama-models); the others keep Llama-3's names here.
+LLAMA31_RENAMED = {128004: "<|finetune_right_pad_id|>", 128008: "<|eom_id|>", 128010: "<|python_tag|>"}
+# One tokenizer, three templates: 3.1 and 3.2 open every conversation with a dated system turn.
+LLAMA3_FORMATS = ("llama3", "llama3.1", "llama3.2")
+CHAT_FORMATS = (*LLAMA3_FORMATS, "mistral", "llama2", "chatml")
+
+# Meta's Llama-3.x Instruct chat_templates (tokenizer_config.json on the Hugging Face hub), known by the
+# sha256 of their exact text; the texts are tests/fixtures/llama3*_chat_template.jinja. Any other template
+# beside a tiktoken file is refused, not guessed.
+LLAMA3_TEMPLATES = {
+    # meta-llama/Meta-Llama-3-8B-Instruct (and 70B): the short template, no system turn of its own.
+    "ba03a121d097859c7b5b9cd03af99aafe95275210d2876f642ad9929a150f122": "llama3",
+    # meta-llama/Llama-3.1-8B-Instruct (the same text in Llama-3.3-70B-Instruct), as in ggerganov/llama.cpp
+    # models/templates/meta-llama-Llama-3.1-8B-Instruct.jinja: "Today Date: 26 Jul 2024" unless date_string.
+    "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65": "llama3.1",
+    # meta-llama/Llama-3.2-1B-Instruct and -3B-Instruct, as in ggerganov/llama.cpp
+    # models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja: today's date, strftime_now("%d %b %Y").
+    "5816fce10444e03c2e9ee1ef8a4a1ea61ae7e69e438613f3b17b69d0426223a4": "llama3.2",
+}
+# The system turn the Llama-3.1/3.2 templates write first (without tools), before any system message.
+LLAMA31_SYSTEM = "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+LLAMA31_DATE = "26 Jul 2024"   # Llama-3.1's date (and 3.2's when the renderer has no strftime_now)
 
 # SmolLM2-Instruct's chat_template (tokenizer_config.json), verbatim: ChatML with a default system turn.
 # A tokenizer.json model must carry a template listed here; any other is refused, not guessed.
@@ -75,18 +99,27 @@ class Tokenizer:
     plain text, as in Meta's encoder (HF's would parse it), so a message cannot forge a turn. Only the
     template inserts special tokens. `decode` follows each library: tiktoken shows special tokens,
     sentencepiece and tokenizers drop them.
+
+    Llama-3.1/3.2 write "Today Date: {date}" in their system turn: `date_string` ("%d %b %Y", e.g.
+    "26 Jul 2024") pins it, as transformers' `apply_chat_template(..., date_string=...)` does. Left None,
+    Llama-3.1 writes 26 Jul 2024 and Llama-3.2 today's date, so Llama-3.2 prompts change from day to day
+    unless it is pinned.
     """
 
-    def __init__(self, kind: str, chat_format: str, model, special: dict[str, int], default_system: str | None = None):
+    def __init__(self, kind: str, chat_format: str, model, special: dict[str, int], default_system: str | None = None,
+                 date_string: str | None = None):
         self.kind = kind                  # "tiktoken", "sentencepiece" or "tokenizers"
-        self.chat_format = chat_format    # "llama3", "mistral", "llama2" or "chatml"
+        self.chat_format = chat_format    # "llama3", "llama3.1", "llama3.2", "mistral", "llama2" or "chatml"
         self.model = model                # tiktoken.Encoding, SentencePieceProcessor or tokenizers.Tokenizer
         self.special = special            # the special tokens the template inserts, by name
         self.default_system = default_system  # the system message a ChatML template adds when there is none
-        if chat_format == "llama3":
+        self.date_string = date_string    # Llama-3.1/3.2's "Today Date"; None = the template's own
+        if chat_format in LLAMA3_FORMATS:
             self.bos_id = special["<|begin_of_text|>"]
             self.eos_id = special["<|end_of_text|>"]
             self.stop_ids = [self.eos_id, special["<|eot_id|>"]]
+            if "<|eom_id|>" in special:   # Llama-3.1+ ends a turn with it when it calls a tool and awaits the result
+                self.stop_ids.append(special["<|eom_id|>"])
         elif chat_format == "chatml":
             # SmolLM2's config names <|im_start|> bos and <|im_end|> eos; the template adds no bos of its own.
             self.bos_id, self.eos_id = special["<|im_start|>"], special["<|im_end|>"]
@@ -102,40 +135,55 @@ class Tokenizer:
         self.path: Path | None = None     # the file it was read from (from_pretrained sets it), for messages
 
     @classmethod
-    def from_pretrained(cls, model_dir, chat_format: str | None = None) -> "Tokenizer":
+    def from_pretrained(cls, model_dir, chat_format: str | None = None, date_string: str | None = None) -> "Tokenizer":
         """Load `tokenizer.model` (or `original/tokenizer.model`) from a model folder, else its
         `tokenizer.json`; or that file itself.
 
-        The file tells its kind. A sentencepiece model is Mistral's or Llama-2's: `config.json` beside it
-        says which (MistralForCausalLM -> mistral, else llama2), unless `chat_format` does. A tokenizer.json
-        model's template is the chat_template of `tokenizer_config.json` beside it.
+        The file tells its kind. A tiktoken file is Llama-3's tokenizer: the chat_template of
+        `tokenizer_config.json` (or `chat_template.jinja`) beside it says Llama-3, 3.1 or 3.2, and without
+        one it is Llama-3's, unless `chat_format` says otherwise. A sentencepiece model is Mistral's or
+        Llama-2's: `config.json` beside it says which (MistralForCausalLM -> mistral, else llama2), unless
+        `chat_format` does. A tokenizer.json model's template is the chat_template beside it.
+        date_string: Llama-3.1/3.2's "Today Date" (see the class docstring).
         """
         model_dir = Path(model_dir)
         path = _find_tokenizer_file(model_dir)
+        folder = model_dir if model_dir.is_dir() else path.parent
         if chat_format is not None and chat_format not in CHAT_FORMATS:
             raise ValueError(f"chat_format {chat_format!r}: expected one of {', '.join(CHAT_FORMATS)}")
         if path.suffix == ".json":
             tokenizer = cls._from_tokenizer_json(path, chat_format)
         elif _is_tiktoken_file(path):
-            if chat_format not in (None, "llama3"):
+            if chat_format not in (None, *LLAMA3_FORMATS):
                 raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer cannot use chat_format {chat_format!r}")
-            tokenizer = cls._from_tiktoken(path)
+            # Meta's file in original/ goes with the template of the model folder above it.
+            tokenizer = cls._from_tiktoken(path, folder.parent if folder.name == "original" else folder, chat_format)
         else:
-            tokenizer = cls._from_sentencepiece(path, model_dir if model_dir.is_dir() else path.parent, chat_format)
+            tokenizer = cls._from_sentencepiece(path, folder, chat_format)
         tokenizer.path = path
+        tokenizer.date_string = date_string
         return tokenizer
 
     @classmethod
-    def _from_tiktoken(cls, path: Path) -> "Tokenizer":
+    def _from_tiktoken(cls, path: Path, model_dir: Path, chat_format: str | None) -> "Tokenizer":
+        found = _chat_template_format(model_dir, required=False)
+        if found is not None and found[0] not in LLAMA3_FORMATS:
+            raise ValueError(f"{path}: a tiktoken (Llama-3) tokenizer beside a {found[0]} chat template")
+        if found is not None and chat_format not in (None, found[0]):
+            raise ValueError(f"{path}: its chat template is {found[0]}; it cannot use chat_format {chat_format!r}")
+        chat_format = found[0] if found else chat_format or "llama3"
         ranks = _read_bpe_ranks(path)
-        special = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIALS)}
+        names = LLAMA3_SPECIALS if chat_format == "llama3" else \
+            [LLAMA31_RENAMED.get(len(ranks) + i, name) for i, name in enumerate(LLAMA3_SPECIALS)]
+        special = {name: len(ranks) + i for i, name in enumerate(names)}
         encoding = tiktoken.Encoding(path.stem, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
-        return cls("tiktoken", "llama3", encoding, special)
+        return cls("tiktoken", chat_format, encoding, special)
 
     @classmethod
     def _from_sentencepiece(cls, path: Path, model_dir: Path, chat_format: str | None) -> "Tokenizer":
-        if chat_format == "chatml":
-            raise ValueError(f"{path}: chat_format 'chatml' comes with a tokenizer.json, not a tokenizer.model")
+        if chat_format in ("chatml", "llama3.1", "llama3.2"):
+            comes_with = "a tokenizer.json" if chat_format == "chatml" else "Llama-3's tiktoken file"
+            raise ValueError(f"{path}: chat_format {chat_format!r} comes with {comes_with}, not a tokenizer.model")
         try:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as e:
@@ -160,10 +208,14 @@ class Tokenizer:
         found, default_system = _chat_template_format(path.parent)
         if chat_format not in (None, found):
             raise ValueError(f"{path}: its chat template is {found}; it cannot use chat_format {chat_format!r}")
-        special = {name: model.token_to_id(name) for name in CHATML_SPECIALS}
+        # Llama-3.x's tokenizer.json is its tiktoken file in another form (same ids, though without Meta's cut
+        # of very long runs).
+        names = CHATML_SPECIALS if found == "chatml" else \
+            LLAMA3_CONTROL + (["<|eom_id|>"] if found != "llama3" else [])
+        special = {name: model.token_to_id(name) for name in names}
         missing = [name for name, i in special.items() if i is None]
         if missing:
-            raise ValueError(f"{path}: the ChatML template needs the tokens {', '.join(missing)}")
+            raise ValueError(f"{path}: the {found} template needs the tokens {', '.join(missing)}")
         # Without this, text that spells an added token (<|im_end|>) is encoded as that token.
         model.encode_special_tokens = True
         return cls("tokenizers", found, model, special, default_system)
@@ -190,7 +242,7 @@ class Tokenizer:
         appends Llama-3's or ChatML's assistant header; Mistral and Llama-2 prompts already end in "[/INST]".
         """
         self.check_chat(messages)
-        if self.chat_format == "llama3":
+        if self.chat_format in LLAMA3_FORMATS:
             return self._llama3(messages, add_generation_prompt)
         if self.chat_format == "chatml":
             return self._chatml(messages, add_generation_prompt)
@@ -208,12 +260,27 @@ class Tokenizer:
     def _llama3(self, messages, add_generation_prompt):
         # <|begin_of_text|> then per message <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>,
         # content trimmed (HF template `| trim`, Meta's ChatFormat `.strip()`).
+        eot = self.special["<|eot_id|>"]
         ids = [self.bos_id]
+        if self.chat_format != "llama3":
+            # Llama-3.1/3.2's templates (without tools) always open with a system turn: the knowledge cutoff,
+            # today's date, a blank line, then the first message's text if it is a system one (else nothing).
+            has_system = messages[0]["role"] == "system"
+            text = LLAMA31_SYSTEM.format(date=self.today()) + (messages[0]["content"].strip() if has_system else "")
+            ids += self._llama3_header("system") + self.encode(text) + [eot]
+            messages = messages[has_system:]
         for m in messages:
-            ids += self._llama3_header(m["role"]) + self.encode(m["content"].strip()) + [self.special["<|eot_id|>"]]
+            ids += self._llama3_header(m["role"]) + self.encode(m["content"].strip()) + [eot]
         if add_generation_prompt:
             ids += self._llama3_header("assistant")
         return ids
+
+    def today(self) -> str:
+        """The "Today Date" of Llama-3.1/3.2's system turn: date_string if set, else what the template
+        writes (3.2: transformers' strftime_now("%d %b %Y"), the local date; 3.1: 26 Jul 2024)."""
+        if self.date_string is not None:
+            return self.date_string
+        return datetime.now().strftime("%d %b %Y") if self.chat_format == "llama3.2" else LLAMA31_DATE
 
     def _llama3_header(self, role: str) -> list[int]:
         start, end = self.special["<|start_header_id|>"], self.special["<|end_header_id|>"]
@@ -409,23 +476,31 @@ def _chat_format_from_config(model_dir: Path, path: Path) -> str:
     return "mistral" if "MistralForCausalLM" in architectures else "llama2"
 
 
-def _chat_template_format(model_dir: Path) -> tuple[str, str]:
-    """(chat format, default system message) of the chat template beside a tokenizer.json: transformers
-    writes it to chat_template.jinja (newer) or tokenizer_config.json's "chat_template"."""
+def _chat_template_format(model_dir: Path, required: bool = True) -> tuple[str, str | None] | None:
+    """(chat format, default system message) of the chat template beside a tokenizer file: transformers
+    writes it to chat_template.jinja (newer) or tokenizer_config.json's "chat_template". None when there is
+    no template and it is not `required` (Meta's tiktoken file alone is Llama-3's)."""
     jinja, config = model_dir / "chat_template.jinja", model_dir / "tokenizer_config.json"
     if jinja.is_file():
         source, template = jinja, jinja.read_text(encoding="utf-8")
     elif config.is_file():
         settings = _read_json(config)
         source, template = config, settings.get("chat_template") if isinstance(settings, dict) else None
-    else:
+    elif required:
         raise ValueError(f"{config}: not found; a tokenizer.json model needs its chat_template")
+    else:
+        return None
+    if template is None and not required:
+        return None
     if not isinstance(template, str):
         raise ValueError(f"{source}: no chat_template string")
-    if template not in KNOWN_TEMPLATES:
-        raise ValueError(f"{source}: this chat_template is not one the project implements "
-                         "(SmolLM2-Instruct's ChatML is); refusing to guess how it renders")
-    return KNOWN_TEMPLATES[template]
+    if template in KNOWN_TEMPLATES:
+        return KNOWN_TEMPLATES[template]
+    llama3 = LLAMA3_TEMPLATES.get(hashlib.sha256(template.encode("utf-8")).hexdigest())
+    if llama3 is None:
+        raise ValueError(f"{source}: this chat_template is not one the project implements (Meta's "
+                         "Llama-3/3.1/3.2-Instruct and SmolLM2-Instruct's are); refusing to guess how it renders")
+    return llama3, None
 
 
 def _read_json(path: Path):

@@ -12,7 +12,7 @@ import torch
 
 import data
 from data import OFFICIAL_LENGTHS, Example, Lengths
-from test_tokenizer import SHARED, llama3, mistral, need_shared, toy  # noqa: F401 (fixtures)
+from test_tokenizer import SHARED, llama3, llama31, llama31_dir, mistral, need_shared, toy  # noqa: F401 (fixtures)
 
 # ----------------------------------------------------------------------------------------------------
 # Loaders
@@ -249,6 +249,16 @@ def test_build_with_request_always_and_no_refusals(toy, tmp_path):
     assert len(retain) == 30 + 2 * 50
     ultrachat = retain[:30]
     assert all(e.tokens == toy.apply_chat_template(chat(i)["messages"]) for i, e in enumerate(ultrachat))
+
+
+def test_llama31_defaults_are_llama3s(llama31, tmp_path):
+    # Llama-3.1/3.2 take Llama-3's recipe: refusals in the retain set, requests kept or emptied at random.
+    d = write_data_dir(tmp_path)
+    (cb, retain, _), log = build(llama31, d, n_ultrachat=20, xstest_repeat=1, n_refusal=10, refusal_repeat=1)
+    assert "10 refusals" in log and len(retain) == 20 + 2 + 10
+    empty = llama31.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
+    assert 0 < sum(e.tokens[:e.n_request] == empty for e in cb) < len(cb)
+    assert cb[0].tokens[:5] == [128000, 128006, 9125, 128007, 271]    # the template's own system turn first
 
 
 def test_mistral_defaults(mistral, tmp_path):

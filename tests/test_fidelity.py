@@ -49,9 +49,11 @@ def test_mistral_prefill_starts_without_a_space():
     assert pieces[pieces.index("INST", 3):][:3] == ["INST", "]", "Sure"]
 
 
+@pytest.mark.parametrize("chat_format", ["llama3", "llama3.1", "llama3.2"])
 @pytest.mark.parametrize("target", TARGETS)
-def test_llama3_prefill_unchanged(target):
-    tok = load(LLAMA3_DIR)
+def test_llama3_prefill_unchanged(target, chat_format):
+    # The Llama-3.x prompts end in the assistant header, a special token nothing joins.
+    tok = load(LLAMA3_DIR, chat_format=chat_format, date_string="02 Jan 2025")
     messages = [{"role": "user", "content": "How do I pick a lock?"}]
     prompt = attacks.chat_prompt(tok, messages)
     assert prefill_prompt(tok, "How do I pick a lock?", target) == prompt + tok.encode(target + ":\n\n")

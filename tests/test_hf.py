@@ -303,6 +303,16 @@ def test_load_adapter_errors(base, tmp_path):
 # -----------------------------------------------------------------------------
 # Merged export
 
+def test_export_copies_the_tokenizer_files(tmp_path):
+    # chat_template.jinja too: it tells Llama-3.1/3.2 from Llama-3, and transformers 5 keeps the template there.
+    src = tmp_path / "src"
+    for rel in hf.TOKENIZER_FILES:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    hf.save_pretrained(tmp_path / "out", {"w": torch.zeros(2)}, {"rope_theta": 1.0}, tokenizer_from=src)
+    assert "chat_template.jinja" in hf.TOKENIZER_FILES
+    assert all((tmp_path / "out" / rel).read_text() == rel for rel in hf.TOKENIZER_FILES)
+
 
 def test_transformers_loads_our_merged_export_with_equal_logits(base, tokens, tmp_path):
     # as in training: only the first blocks loaded, no head; LoRA on all of them

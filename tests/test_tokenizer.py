@@ -1,7 +1,10 @@
 """tokenizer.py: real tokenizer ids, chat templates against the official template strings, the template's
 tail, and from_pretrained. The real tokenizers live in ../shared (SmolLM2's tokenizer.json, checked against
-transformers' apply_chat_template on its own files); everything else uses a small sentencepiece model with
-Llama-3's control pieces (the toy world's kind) trained here."""
+transformers' apply_chat_template on its own files; Llama-3's tiktoken file, with the Llama-3.1/3.2 templates
+of fixtures/ checked the same way); everything else uses a small sentencepiece model with Llama-3's control
+pieces (the toy world's kind) trained here."""
+
+import datetime
 
 import io
 import json
@@ -12,8 +15,9 @@ from pathlib import Path
 import pytest
 import sentencepiece
 
-from tokenizer import LLAMA3_CONTROL, Tokenizer, template_tail
+from tokenizer import LLAMA3_CONTROL, SMOLLM2_TEMPLATE, Tokenizer, template_tail
 
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LLAMA3_DIR = SHARED / "tokenizers" / "llama3"
 MISTRAL_DIR = SHARED / "tokenizers" / "mistral"
@@ -145,6 +149,177 @@ def test_llama3_long_runs_split_like_meta(llama3):
     spaces = " " * 30_000
     cut = llama3.model.encode_ordinary(" " * 25_000) + llama3.model.encode_ordinary(" " * 5_000)
     assert llama3.encode(spaces) == cut != llama3.model.encode_ordinary(spaces)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Llama-3.1 and 3.2 Instruct: Llama-3's tokenizer; their official templates (fixtures/, verbatim from the
+# hub's tokenizer_config.json) open with a dated system turn. transformers renders them from the files a test
+# writes: the real tiktoken file and a tokenizer_config.json holding the template.
+
+LLAMA31_JINJA = (FIXTURES / "llama31_chat_template.jinja").read_text(encoding="utf-8")
+LLAMA32_JINJA = (FIXTURES / "llama32_chat_template.jinja").read_text(encoding="utf-8")
+# Llama-3.1's special tokens as its Hugging Face tokenizer names them, for transformers' conversion.
+LLAMA31_HF_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                       "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                       "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"] + \
+    [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]
+PINNED = "02 Jan 2025"
+
+
+def llama3x_dir(path: Path, template: str | None) -> Path:
+    """A Llama-3.x tokenizer folder as transformers reads it: Meta's tiktoken file and a tokenizer_config.json
+    (with `template`, unless None)."""
+    need_shared()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").symlink_to(LLAMA3_DIR / "tokenizer.model")
+    added = {str(128000 + i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                               "single_word": False, "special": True} for i, name in enumerate(LLAMA31_HF_SPECIALS)}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|eot_id|>", "added_tokens_decoder": added}
+    if template is not None:
+        config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama31_dir(tmp_path_factory):
+    return llama3x_dir(tmp_path_factory.mktemp("llama31"), LLAMA31_JINJA)
+
+
+@pytest.fixture(scope="module")
+def llama31(llama31_dir):
+    return Tokenizer.from_pretrained(llama31_dir)
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    return Tokenizer.from_pretrained(llama3x_dir(tmp_path_factory.mktemp("llama32"), LLAMA32_JINJA), date_string=PINNED)
+
+
+@pytest.fixture(scope="module")
+def llama31_hf(llama31_dir):
+    return pytest.importorskip("transformers").AutoTokenizer.from_pretrained(llama31_dir)
+
+
+@pytest.fixture(scope="module")
+def llama32_json_dir(tmp_path_factory, llama31_hf):
+    """transformers' tokenizer.json of the same tokenizer, with Llama-3.2's template beside it."""
+    path = tmp_path_factory.mktemp("llama32-json")
+    llama31_hf.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA32_JINJA}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama32_hf(llama32_json_dir):
+    return pytest.importorskip("transformers").AutoTokenizer.from_pretrained(llama32_json_dir)
+
+
+LLAMA3X_CONVERSATIONS = CONVERSATIONS + [
+    [{"role": "system", "content": "  Answer in French. \n"}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "Paris is the capital of France."},
+     {"role": "user", "content": "And of Italy? Answer in 3 words."},
+     {"role": "assistant", "content": "Rome, of course."}],
+]
+
+
+def hf_ids(hf, messages, add_generation_prompt, **kwargs):
+    return hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                  return_dict=True, **kwargs)["input_ids"]
+
+
+def test_llama3x_ids(llama31, llama32):
+    for t, fmt in ((llama31, "llama3.1"), (llama32, "llama3.2")):
+        assert (t.kind, t.chat_format, t.vocab_size, t.bos_id, t.eos_id) == ("tiktoken", fmt, 128256, 128000, 128001)
+        assert t.stop_ids == [128001, 128009, 128008]           # <|end_of_text|>, <|eot_id|>, <|eom_id|>
+        assert (t.special["<|eom_id|>"], t.special["<|python_tag|>"]) == (128008, 128010)
+        assert t.decode([128008]) == "<|eom_id|>"
+        assert t.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]
+    assert llama31.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True) == \
+        [128000, 128006, 9125, 128007, 271] + llama31.encode("Cutting Knowledge Date: December 2023\nToday Date: "
+                                                             "26 Jul 2024\n\n") + \
+        [128009, 128006, 882, 128007, 271, 9906, 128009, 128006, 78191, 128007, 271]
+
+
+@pytest.mark.parametrize("messages", LLAMA3X_CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_llama31_template_matches_transformers(llama31, llama31_hf, messages, add_generation_prompt):
+    assert llama31.apply_chat_template(messages, add_generation_prompt) == \
+        hf_ids(llama31_hf, messages, add_generation_prompt)
+
+
+@pytest.mark.parametrize("messages", LLAMA3X_CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_llama32_template_matches_transformers(llama32, llama32_hf, llama32_json_dir, messages,
+                                               add_generation_prompt):
+    # transformers reads the tokenizer.json folder; we read it too (tokenizers library), and the tiktoken one.
+    expected = hf_ids(llama32_hf, messages, add_generation_prompt, date_string=PINNED)
+    assert "Today Date: 02 Jan 2025\n\n" in llama32_hf.decode(expected)
+    from_json = Tokenizer.from_pretrained(llama32_json_dir, date_string=PINNED)
+    assert (from_json.kind, from_json.chat_format) == ("tokenizers", "llama3.2")
+    assert from_json.stop_ids == [128001, 128009, 128008]
+    assert llama32.apply_chat_template(messages, add_generation_prompt) == expected
+    assert from_json.apply_chat_template(messages, add_generation_prompt) == expected
+
+
+def test_llama3x_dates(llama31, llama31_hf, llama32_hf, llama32_json_dir):
+    messages = CONVERSATIONS[0]
+    pinned = Tokenizer.from_pretrained(llama31.path.parent, date_string=PINNED)
+    assert pinned.apply_chat_template(messages) == hf_ids(llama31_hf, messages, False, date_string=PINNED)
+    assert "Today Date: 26 Jul 2024\n" in llama31.decode(llama31.apply_chat_template(messages))
+    # Llama-3.2 unpinned: today's date, as the template's strftime_now("%d %b %Y") writes it.
+    today = Tokenizer.from_pretrained(llama32_json_dir)
+    assert today.apply_chat_template(messages) == hf_ids(llama32_hf, messages, False)
+    assert f"Today Date: {datetime.datetime.now():%d %b %Y}\n" in today.decode(today.apply_chat_template(messages))
+
+
+def test_llama3x_tail_and_end_of_turn(llama3, llama31, llama32):
+    import losses
+    for tok in (llama31, llama32):
+        assert template_tail(tok) == template_tail(llama3) == [128009, 128006, 78191, 128007, 271]
+        assert losses.end_of_turn_id(tok) == 128009
+
+
+def test_llama3x_which_template(tmp_path):
+    # Llama-3's short template (and no template at all, or a config without one) stays Llama-3.
+    assert Tokenizer.from_pretrained(llama3x_dir(tmp_path / "l3", LLAMA3_JINJA)).chat_format == "llama3"
+    plain = Tokenizer.from_pretrained(llama3x_dir(tmp_path / "none", None))
+    assert (plain.chat_format, plain.stop_ids, plain.special["<|reserved_special_token_4|>"]) == \
+        ("llama3", [128001, 128009], 128008)
+    # The tokenizer under original/, the template in chat_template.jinja (transformers 5's layout).
+    path = tmp_path / "l32"
+    (path / "original").mkdir(parents=True)
+    (path / "original" / "tokenizer.model").symlink_to(LLAMA3_DIR / "tokenizer.model")
+    (path / "chat_template.jinja").write_text(LLAMA32_JINJA)
+    assert Tokenizer.from_pretrained(path).chat_format == "llama3.2"
+    assert Tokenizer.from_pretrained(path / "original" / "tokenizer.model").chat_format == "llama3.2"
+    # chat_format must agree with the template, and names one when there is none.
+    with pytest.raises(ValueError, match="its chat template is llama3.2; it cannot use chat_format 'llama3'"):
+        Tokenizer.from_pretrained(path, chat_format="llama3")
+    assert Tokenizer.from_pretrained(tmp_path / "none", chat_format="llama3.1").chat_format == "llama3.1"
+    with pytest.raises(ValueError, match="chat_format 'llama3.1' comes with Llama-3's tiktoken file"):
+        Tokenizer.from_pretrained(MISTRAL_DIR, chat_format="llama3.1")
+
+
+@pytest.mark.parametrize("template", [LLAMA31_JINJA.replace("26 Jul 2024", "1 Jan 2024"),
+                                      LLAMA31_JINJA.replace("December 2023", "December 2024"),
+                                      LLAMA31_JINJA + "\n"])
+def test_llama3x_modified_template_refused(tmp_path, template):
+    path = llama3x_dir(tmp_path, template)
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'tokenizer_config.json'}: this chat_template is not one")):
+        Tokenizer.from_pretrained(path)
+    (path / "chat_template.jinja").write_text(LLAMA32_JINJA.replace("%d %b %Y", "%Y-%m-%d"))
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'chat_template.jinja'}: this chat_template is not one")):
+        Tokenizer.from_pretrained(path)
+
+
+def test_chatml_template_beside_tiktoken_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"a tiktoken \(Llama-3\) tokenizer beside a chatml chat template"):
+        Tokenizer.from_pretrained(llama3x_dir(tmp_path, SMOLLM2_TEMPLATE))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +493,7 @@ def test_from_pretrained_bad_input(tmp_path):
         Tokenizer.from_pretrained(tmp_path, chat_format="mistral")
     with pytest.raises(ValueError, match="cannot use chat_format 'chatml'"):
         Tokenizer.from_pretrained(tmp_path, chat_format="chatml")
-    with pytest.raises(ValueError, match="expected one of llama3, mistral, llama2, chatml"):
+    with pytest.raises(ValueError, match="expected one of llama3, llama3.1, llama3.2, mistral, llama2, chatml"):
         Tokenizer.from_pretrained(tmp_path, chat_format="gpt2")
 
 
