@@ -12,7 +12,7 @@ picture of layers.py beside the rates. Also the toy world's texts for eval.py's 
 
 Beside each attack's ASR, its answers' outcome classes (outcomes.py): a broken model looks safe to an ASR.
 Every harmful generation record has its "outcome" and "nll", its mean NLL per token under the base model
-(the frozen one, also for the circuit-broken model; None for the embed and ablate attacks, see
+(the frozen one, also for the circuit-broken model; None for the embed, embed_strong and ablate attacks, see
 NOT_FROM_TOKENS), and each model's "nll_threshold" is the 99th percentile of that NLL over the base
 model's answers to the held-out benign questions, generated as the attacks' answers are (greedy, or k
 sampled answers per question at the same temperature).
@@ -37,7 +37,8 @@ from lora import merge_lora
 from outcomes import OUTCOMES, nll_per_token, nll_threshold, outcome, outcome_rates
 from rates import best_of_k, rate_text, wilson
 
-TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr", "ablate_asr")
+TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr",
+               "embed_strong_asr", "ablate_asr")
 MODELS = ("base", "circuit_breaker")
 # Every toy answer fits in 64 tokens, and the whole held-out set fits in one batch.
 TOY_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64)
@@ -146,7 +147,8 @@ def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "jailbreak": lambda: attack_jailbreak(model, tok, harmful, cfg, world["jailbreak_template"]),
                "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
-               "embed": lambda: attack_embed(model, tok, harmful, cfg)}
+               "embed": lambda: attack_embed(model, tok, harmful, cfg),
+               "embed_strong": lambda: attack_embed(model, tok, harmful, cfg, strong=True)}
     if direction is not None:
         attacks["ablate"] = lambda: attack_ablate(model, tok, harmful, cfg, direction)
     outcomes = {}

@@ -399,6 +399,11 @@ def test_refusal_judge_counts_empty_answers_as_no_success():
     assert ev.judge_refusal(["Sure: step 1", "I'm sorry, no.", "   ", "The first step is"]) == [1, 0, 0, 1]
 
 
+def test_no_judge_counts_the_compliant_answers():
+    answers = ["Sure, step 1: mix.", "I'm sorry, I can't help with that.", "", "tozeis " * 10]
+    assert ev.judge_none(answers) == [1, 0, 0, 0]
+
+
 def test_contextual_behaviours_put_the_context_first():
     needs_shared(HARMBENCH)
     from data import load_harmbench
