@@ -9,7 +9,7 @@ code), as eval.py runs them:
             is below 0.01) to make the model say `default_target` + ":\\n\\n"; generation then continues
             from those embeddings, not from any tokens;
   embed_strong  the same attack made stronger as in Schwinn & Geisler 2024 (SchwinnL/circuit-breakers-eval),
-            who reached 100% ASR on the released circuit-broken models with it: signed gradient descent
+            whose version reached 100% ASR on the released circuit-broken models: signed gradient descent
             (each coordinate moves by exactly lr per step), the vectors initialised from a meaningful
             string (by default the behaviour's own text) instead of "x x x", the same budget (500 steps,
             early stop); run it with --samples k --temperature T to judge k sampled answers per prompt;

@@ -41,7 +41,8 @@ import cli
 import hf
 import toy
 from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, attack_direct, chat_prompt,
-                     check_decoding, decoding, each_sample, generate_texts, load_model, read_direction, release, run_attack)
+                     check_decoding, decoding, each_sample, generate_texts, load_model, read_direction, release,
+                     run_attack)
 from data import load_harmbench, load_ultrachat, xstest_held_out
 from layers import evaluate_layers, layers_table, write_layers
 from lora import lora_disabled

@@ -178,7 +178,8 @@ def judge_attack(attack, harmful, results, tok, cfg, reference) -> list[dict]:
         nlls = nll_per_token(base, tok, [scoring_prompt(tok, r) for r in results], generations, cfg.batch_size)
     return [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": g, "sample": r["sample"],
              "score": int(toy.judge(g, it)), "outcome": outcome(g, nll, threshold),
-             "nll": None if nll is None else round(nll, 4)} for it, r, g, nll in zip(harmful, results, generations, nlls)]
+             "nll": None if nll is None else round(nll, 4)}
+            for it, r, g, nll in zip(harmful, results, generations, nlls)]
 
 
 # The incoherence test asks how likely the base model finds an answer after the prompt that produced it.

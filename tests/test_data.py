@@ -261,7 +261,8 @@ def test_xstest_holdout_keeps_the_held_out_prompts_out_of_the_retain_set(toy, tm
     assert {r["prompt"] for r in rows if data.xstest_held_out(r["prompt"], 0.25)} < held  # nested shares
     (_, retain, _), log = build(toy, d, with_request="always", refusal_retain=False, xstest_repeat=1,
                                 xstest_holdout=0.5)
-    turn = lambda r: toy.apply_chat_template([{"role": "user", "content": r["prompt"]}], True) + toy.encode(r["completion"])
+    def turn(r):
+        return toy.apply_chat_template([{"role": "user", "content": r["prompt"]}], True) + toy.encode(r["completion"])
     assert [e.tokens for e in retain[30:]] == [turn(r) for r in rows if r["prompt"] not in held]
     assert not {tuple(turn(r)) for r in rows if r["prompt"] in held} & {tuple(e.tokens) for e in retain}
     assert f"{40 - len(held)} XSTest ({len(held)} rows held out)" in log

@@ -183,7 +183,8 @@ def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
               metadata={"layer": str(d.layer), "position": str(d.position)})
     out = tmp_path / "toy.json"
     ev.main(["toy", "--toy-root", str(toy_world), "--direction", str(direction), "--device", "cpu",
-             "--max-new-tokens", "8", "--embed-steps", "2", "--embed-strong-steps", "2", "--samples", "4", "--temperature", "1.0", "--out", str(out)])
+             "--max-new-tokens", "8", "--embed-steps", "2", "--embed-strong-steps", "2", "--samples", "4",
+             "--temperature", "1.0", "--out", str(out)])
     base = json.loads(out.read_text())["base"]
     world = toy.load_world(toy_world)
     n = len(world["harmful_eval"])
