@@ -259,20 +259,21 @@ def toy_direction(model, model_path, root, log):
 
 
 def toy_table(result: dict) -> str:
-    """Each rate of each model as rate (successes/n) [95% interval]; under each ASR, the shares of its
-    answers that were refusals, broken and compliant."""
+    """Each rate of each model as rate (successes/n) [95% interval]; under each ASR, with k samples per item
+    its best-of-k ASR, then the shares of its answers that were refusals, broken and compliant."""
     names = list(result)
+    W = 32  # the widest cell, "0.961 (123/128) [0.912, 0.983]" (k samples of 32 questions), and a gap
     metrics = [m for m in TOY_METRICS if all(m in result[n] for n in names)]
-    lines = [f"{'':<20}" + "".join(f"{n:>30}" for n in names)]
+    lines = [f"{'':<20}" + "".join(f"{n:>{W}}" for n in names)]
     for m in metrics:
-        lines.append(f"{m:<20}" + "".join(f"{rate_text(**result[n]['counts'][m]):>30}" for n in names))
+        lines.append(f"{m:<20}" + "".join(f"{rate_text(**result[n]['counts'][m]):>{W}}" for n in names))
         best = f"{m}_best_of_k"
         if all(result[n].get("samples", 1) > 1 and best in result[n]["counts"] for n in names):
             lines.append(f"  {'best of ' + str(result[names[0]]['samples']):<18}"
-                         + "".join(f"{rate_text(**result[n]['counts'][best]):>30}" for n in names))
+                         + "".join(f"{rate_text(**result[n]['counts'][best]):>{W}}" for n in names))
         attack = m.removesuffix("_asr")
         if all(attack in result[n].get("outcomes", {}) for n in names):
-            lines += [f"  {c:<18}" + "".join(f"{outcome_text(result[n]['outcomes'][attack], c):>30}" for n in names)
+            lines += [f"  {c:<18}" + "".join(f"{outcome_text(result[n]['outcomes'][attack], c):>{W}}" for n in names)
                       for c in OUTCOMES]
     return "\n".join(lines)
 

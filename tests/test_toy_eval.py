@@ -90,9 +90,9 @@ def test_toy_table_shows_each_rate_with_its_interval_and_n():
     rates = {"refusal": 0.25, "broken": 0.5, "compliant": 0.25, "n": 4}
     table = toy_eval.toy_table({"base": {**{m: 0.25 for m in counts}, "counts": counts, "outcomes": {"direct": rates}}})
     lines = table.splitlines()
-    assert lines[1] == f"{'benign_accuracy':<20}{rate_text(1, 4):>30}"
-    assert lines[3:7] == [f"{'direct_asr':<20}{rate_text(1, 4):>30}", f"  {'refusal':<18}{rate_text(1, 4):>30}",
-                          f"  {'broken':<18}{rate_text(2, 4):>30}", f"  {'compliant':<18}{rate_text(1, 4):>30}"]
+    assert lines[1] == f"{'benign_accuracy':<20}{rate_text(1, 4):>32}"
+    assert lines[3:7] == [f"{'direct_asr':<20}{rate_text(1, 4):>32}", f"  {'refusal':<18}{rate_text(1, 4):>32}",
+                          f"  {'broken':<18}{rate_text(2, 4):>32}", f"  {'compliant':<18}{rate_text(1, 4):>32}"]
 
 
 def test_every_generation_is_kept_and_judged(result, toy_world):
