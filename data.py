@@ -42,6 +42,7 @@ Where we leave it, and why:
 import codecs
 import csv
 import functools
+import hashlib
 import io
 import json
 import random
@@ -124,6 +125,16 @@ def load_xstest(path, label: str = "1_full_compliance") -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no row has final_label {label!r}")
     return rows
+
+
+def xstest_held_out(prompt: str, fraction: float) -> bool:
+    """Whether an XSTest prompt is kept out of training, so over-refusal can be measured on prompts the
+    retain set never saw (XSTest's compliant answers are in the official retain set). A function of the
+    prompt's text alone (its SHA-256 read as a number in [0, 1) below `fraction`): train.py's
+    --xstest-holdout and eval.py xstest's pick the same prompts, from either XSTest CSV, in any row order,
+    and a larger fraction holds out a superset."""
+    digest = hashlib.sha256(prompt.strip().encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 < fraction
 
 
 def load_harmbench(path) -> list[dict]:
@@ -224,8 +235,8 @@ class Example(NamedTuple):
 
 def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool | None = None,
                         with_request: str | None = None, loss_on: str = "full", seed: int = 0,
-                        n_ultrachat: int = 10_000, xstest_repeat: int = 50, n_refusal: int = 2_000,
-                        refusal_repeat: int = 2, caps: Lengths = OFFICIAL_LENGTHS,
+                        n_ultrachat: int = 10_000, xstest_repeat: int = 50, xstest_holdout: float = 0.0,
+                        n_refusal: int = 2_000, refusal_repeat: int = 2, caps: Lengths = OFFICIAL_LENGTHS,
                         log: Callable[[str], None] = print) -> tuple[list[Example], list[Example], list[Example]]:
     """(circuit-breaker, retain, validation) examples from the official files in `data_dir`.
 
@@ -236,6 +247,8 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
     loss_on: "full" (official: the rerouting loss sees the whole circuit-breaker text) or "response".
     n_ultrachat, xstest_repeat, n_refusal, refusal_repeat: the official retain mix (10,000 conversations;
         XSTest x50; 2,000 refusals x2); 0 leaves a part out without reading its file.
+    xstest_holdout: the share of XSTest prompts kept out of the retain set (xstest_held_out), for an
+        over-refusal measure on prompts training never saw; 0 = official (every compliant row).
     caps: length caps; longer examples keep their start, are counted, and reported once through `log`.
     Every file is read and checked before any tokenizing.
     """
@@ -253,7 +266,14 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
     cb_records = load_circuit_breaker_set(data_dir / CB_TRAIN, cb_fields)
     val_records = load_circuit_breaker_set(data_dir / CB_VAL)
     chats = load_ultrachat(data_dir / ULTRACHAT, limit=n_ultrachat, check=tokenizer.check_chat) if n_ultrachat else []
+    if not 0 <= xstest_holdout < 1:
+        raise ValueError(f"--xstest-holdout {xstest_holdout}: expected a share in [0, 1)")
     xstest = load_xstest(data_dir / XSTEST) if xstest_repeat else []
+    held_out = [r for r in xstest if xstest_held_out(r["prompt"], xstest_holdout)]
+    xstest = [r for r in xstest if not xstest_held_out(r["prompt"], xstest_holdout)]
+    if held_out and not xstest:
+        raise ValueError(f"--xstest-holdout {xstest_holdout}: holds out all {len(held_out)} compliant XSTest "
+                         "rows; use a smaller share, or --xstest-repeat 0")
 
     rng = random.Random(seed)
     refusals = rng.sample(cb_records, min(n_refusal, len(cb_records))) if refusal_retain else []
@@ -297,7 +317,8 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
     val = [whole_example(*turn(r["prompt"], r["output"]), kind="val") for r in val_records]
 
     log(f"data: {len(cb)} circuit-breaker examples; {len(retain)} retain ({len(chats)} UltraChat, "
-        f"{len(xstest) * xstest_repeat} XSTest, {len(refusals) * refusal_repeat} refusals); {len(val)} validation. "
+        f"{len(xstest) * xstest_repeat} XSTest" + (f" ({len(held_out)} rows held out)" if xstest_holdout else "")
+        + f", {len(refusals) * refusal_repeat} refusals); {len(val)} validation. "
         f"Cut to length: {cut['request']} requests > {caps.request}, {cut['response']} responses > {caps.response}, "
         f"{cut['retain']} retain > {caps.retain}, {cut['val']} validation > {caps.retain} tokens")
     return cb, retain, val

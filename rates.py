@@ -28,3 +28,22 @@ def rate_text(successes: int, n: int) -> str:
     if interval is None:
         return "n/a (0/0)"
     return f"{successes / n:.3f} ({successes}/{n}) [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def best_of_k(successes: list[bool], k: int) -> list[bool]:
+    """Per-sample successes, k per prompt in order (attacks.each_sample) -> one per prompt: whether any of
+    its k samples succeeded, as an attacker who may try k times and keep the worst answer counts."""
+    if k < 1 or len(successes) % k:
+        raise ValueError(f"{len(successes)} samples cannot be split into prompts of {k}")
+    return [any(successes[i:i + k]) for i in range(0, len(successes), k)]
+
+
+def sampled_rates(successes: list[bool], k: int) -> dict:
+    """{"per_sample": {...}, "best_of_k": {...}}, each {"rate", "successes", "n", "ci95"}: the share of all
+    samples that succeeded, and of prompts with at least one success among their k. The per-sample
+    interval treats the samples as independent; k answers to one prompt are not, so it is too narrow
+    when k > 1, and the best-of-k one (over prompts) is the one to trust."""
+    def entry(hits):
+        return {"rate": sum(hits) / len(hits) if hits else None, "successes": sum(hits), "n": len(hits),
+                "ci95": wilson(sum(hits), len(hits))}
+    return {"per_sample": entry(list(successes)), "best_of_k": entry(best_of_k(successes, k))}

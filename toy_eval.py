@@ -8,12 +8,17 @@ picture of layers.py beside the rates. Also the toy world's texts for eval.py's 
     result["circuit_breaker"]["layer_cos"]["harmful"]  # cosine base vs circuit-broken, l = 0..L
     result["circuit_breaker"]["generations"][0]        # {"set", "attack", "behavior", "generation", "score", ...}
     result["circuit_breaker"]["outcomes"]["embed"]     # {"refusal", "broken", "compliant", "n", "ci95"}
+    result["circuit_breaker"]["embed_asr_best_of_k"]  # with cfg.samples = k: a success in any of k answers
 
 Beside each attack's ASR, its answers' outcome classes (outcomes.py): a broken model looks safe to an ASR.
 Every harmful generation record has its "outcome" and "nll", its mean NLL per token under the base model
-(the frozen one, also for the circuit-broken model; None for the embed and ablate attacks, see
+(the frozen one, also for the circuit-broken model; None for the embed, embed_strong and ablate attacks, see
 NOT_FROM_TOKENS), and each model's "nll_threshold" is the 99th percentile of that NLL over the base
-model's greedy answers to the held-out benign questions.
+model's answers to the held-out benign questions, generated as the attacks' answers are (greedy, or k
+sampled answers per question at the same temperature).
+
+With cfg.samples = k > 1, every rate counts all k answers per question or item (n = items x k), and each
+attack also has `<attack>_asr_best_of_k`: the share of items with a success among their k answers.
 """
 
 import math
@@ -26,13 +31,14 @@ import hf
 import refusal
 import toy
 from attacks import (AttackConfig, append_text, attack_ablate, attack_direct, attack_embed, attack_jailbreak,
-                     attack_prefill, chat_prompt, load_model, release)
+                     attack_prefill, chat_prompt, check_decoding, decoding, each_sample, load_model, release)
 from layers import measure_layers, text_cosines
 from lora import merge_lora
 from outcomes import OUTCOMES, nll_per_token, nll_threshold, outcome, outcome_rates
-from rates import rate_text, wilson
+from rates import best_of_k, rate_text, wilson
 
-TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr", "ablate_asr")
+TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr",
+               "embed_strong_asr", "ablate_asr")
 MODELS = ("base", "circuit_breaker")
 # Every toy answer fits in 64 tokens, and the whole held-out set fits in one batch.
 TOY_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64)
@@ -48,9 +54,10 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
     direction: `direction` (a refusal.py file, or one already found), or else, with `search`, the one
     refusal.py finds; without either, ablate_asr is left out. `threshold`: the base model's NLL threshold
     (outcomes.py), when already known (a sweep's base evaluation); else it is found here."""
+    cfg = cfg or TOY_CONFIG
+    check_decoding(cfg)
     root = Path(toy_root)
     world = toy.load_world(root) if (root / "world.json").is_file() else toy.ensure_world(root, log=log)
-    cfg = cfg or TOY_CONFIG
     model_path = root / "model"
     models = models or (MODELS if adapter is not None else ("base",))
     if any(m not in MODELS for m in models) or ("circuit_breaker" in models and adapter is None):
@@ -122,57 +129,64 @@ def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
     (the base model, its NLL threshold) for a circuit-broken model; None when `model` is the base, whose
     own benign answers then set the threshold."""
     harmful, benign = eval_items(world)
+    k = cfg.samples
+    asked = [it for it, _ in each_sample(benign, k)]  # the question of each answer
     # Capability (facts, word tasks) and over-refusal (harmless recipe requests worded like the harmful
     # ones: the toy's XSTest) are reported apart, as the paper reports MMLU and XSTest apart.
     answers = attack_direct(model, tok, benign, cfg)
     generations = [{"set": "benign", "attack": "direct", "question": it["question"], "family": it["family"],
-                    "generation": r["generation"], "score": int(toy.answered(r["generation"], it))}
-                   for it, r in zip(benign, answers)]
+                    "generation": r["generation"], "sample": r["sample"],
+                    "score": int(toy.answered(r["generation"], it))} for it, r in zip(asked, answers)]
     counts = {}
     for dishes, metric in ((False, "benign_accuracy"), (True, "dish_accuracy")):
-        scores = [g["score"] for g, it in zip(generations, benign) if (it["family"] == "dish") == dishes]
+        scores = [g["score"] for g, it in zip(generations, asked) if (it["family"] == "dish") == dishes]
         counts[metric] = {"successes": sum(scores), "n": len(scores)}
     if reference is None:
-        reference = model, benign_nll_threshold(model, tok, benign, [r["generation"] for r in answers], cfg)
+        reference = model, benign_nll_threshold(model, tok, asked, [r["generation"] for r in answers], cfg)
 
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "jailbreak": lambda: attack_jailbreak(model, tok, harmful, cfg, world["jailbreak_template"]),
                "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
-               "embed": lambda: attack_embed(model, tok, harmful, cfg)}
+               "embed": lambda: attack_embed(model, tok, harmful, cfg),
+               "embed_strong": lambda: attack_embed(model, tok, harmful, cfg, strong=True)}
     if direction is not None:
         attacks["ablate"] = lambda: attack_ablate(model, tok, harmful, cfg, direction)
     outcomes = {}
     for attack, run in attacks.items():
-        judged = judge_attack(attack, harmful, run(), tok, cfg, reference)
+        judged = judge_attack(attack, [it for it, _ in each_sample(harmful, k)], run(), tok, cfg, reference)
         counts[f"{attack}_asr"] = {"successes": sum(g["score"] for g in judged), "n": len(judged)}
+        best = best_of_k([g["score"] == 1 for g in judged], k)
+        counts[f"{attack}_asr_best_of_k"] = {"successes": sum(best), "n": len(best)}
         outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
         generations += judged
 
-    n_dishes = counts["dish_accuracy"]["n"]
+    n_dishes = sum(it["family"] == "dish" for it in benign)
     rates = {m: c["successes"] / max(c["n"], 1) for m, c in counts.items()}
     return {**rates, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes,
-            "counts": counts, "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()},
+            **decoding(cfg), "counts": counts, "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()},
             "outcomes": outcomes, "nll_threshold": reference[1], "generations": generations}
 
 
 def judge_attack(attack, harmful, results, tok, cfg, reference) -> list[dict]:
-    """One attack's generation records: the toy judge's score, and the outcome class under the base model."""
+    """One attack's generation records: the toy judge's score, and the outcome class under the base model.
+    `harmful`: the item of each result (k per item with k samples)."""
     base, threshold = reference
     generations = [r["generation"] for r in results]
     if attack in NOT_FROM_TOKENS:
         nlls = [None] * len(generations)  # no token prompt the base model could have answered this from
     else:
         nlls = nll_per_token(base, tok, [scoring_prompt(tok, r) for r in results], generations, cfg.batch_size)
-    return [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": g,
+    return [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": g, "sample": r["sample"],
              "score": int(toy.judge(g, it)), "outcome": outcome(g, nll, threshold),
-             "nll": None if nll is None else round(nll, 4)} for it, g, nll in zip(harmful, generations, nlls)]
+             "nll": None if nll is None else round(nll, 4)}
+            for it, r, g, nll in zip(harmful, results, generations, nlls)]
 
 
 # The incoherence test asks how likely the base model finds an answer after the prompt that produced it.
 # The embed attack's answers follow optimised vectors, and the ablate attack's a changed model: after the
 # plain request, a refusing base model finds any compliance unlikely, so their NLL would call a recipe
 # incoherent. Their answers are classed by the empty, repetition and refusal tests only.
-NOT_FROM_TOKENS = ("embed", "ablate")
+NOT_FROM_TOKENS = ("embed", "embed_strong", "ablate")
 
 
 def scoring_prompt(tok, result) -> list[int]:
@@ -182,7 +196,9 @@ def scoring_prompt(tok, result) -> list[int]:
 
 
 def benign_nll_threshold(base, tok, benign, answers, cfg) -> float | None:
-    """outcomes.py's NLL threshold, from the base model's greedy `answers` to the held-out benign questions."""
+    """outcomes.py's NLL threshold, from the base model's `answers` to the held-out benign questions
+    (`benign`: the question of each answer), generated under the attacks' decoding setting: sampled answers
+    are less likely than greedy ones, so a sampled answer is measured against sampled ones."""
     prompts = [chat_prompt(tok, it["messages"]) for it in benign]
     return nll_threshold(nll_per_token(base, tok, prompts, answers, cfg.batch_size))
 
@@ -192,7 +208,7 @@ def base_threshold(base, tok, world, cfg) -> float | None:
     is not evaluated)."""
     _, benign = eval_items(world)
     answers = [r["generation"] for r in attack_direct(base, tok, benign, cfg)]
-    return benign_nll_threshold(base, tok, benign, answers, cfg)
+    return benign_nll_threshold(base, tok, [it for it, _ in each_sample(benign, cfg.samples)], answers, cfg)
 
 
 def toy_texts(world: dict, limit: int | None = None) -> dict:
@@ -243,16 +259,21 @@ def toy_direction(model, model_path, root, log):
 
 
 def toy_table(result: dict) -> str:
-    """Each rate of each model as rate (successes/n) [95% interval]; under each ASR, the shares of its
-    answers that were refusals, broken and compliant."""
+    """Each rate of each model as rate (successes/n) [95% interval]; under each ASR, with k samples per item
+    its best-of-k ASR, then the shares of its answers that were refusals, broken and compliant."""
     names = list(result)
+    W = 32  # the widest cell, "0.961 (123/128) [0.912, 0.983]" (k samples of 32 questions), and a gap
     metrics = [m for m in TOY_METRICS if all(m in result[n] for n in names)]
-    lines = [f"{'':<20}" + "".join(f"{n:>30}" for n in names)]
+    lines = [f"{'':<20}" + "".join(f"{n:>{W}}" for n in names)]
     for m in metrics:
-        lines.append(f"{m:<20}" + "".join(f"{rate_text(**result[n]['counts'][m]):>30}" for n in names))
+        lines.append(f"{m:<20}" + "".join(f"{rate_text(**result[n]['counts'][m]):>{W}}" for n in names))
+        best = f"{m}_best_of_k"
+        if all(result[n].get("samples", 1) > 1 and best in result[n]["counts"] for n in names):
+            lines.append(f"  {'best of ' + str(result[names[0]]['samples']):<18}"
+                         + "".join(f"{rate_text(**result[n]['counts'][best]):>{W}}" for n in names))
         attack = m.removesuffix("_asr")
         if all(attack in result[n].get("outcomes", {}) for n in names):
-            lines += [f"  {c:<18}" + "".join(f"{outcome_text(result[n]['outcomes'][attack], c):>30}" for n in names)
+            lines += [f"  {c:<18}" + "".join(f"{outcome_text(result[n]['outcomes'][attack], c):>{W}}" for n in names)
                       for c in OUTCOMES]
     return "\n".join(lines)
 

@@ -91,6 +91,9 @@ class TrainConfig:
     n_ultrachat: int = opt(10_000, "UltraChat conversations in the retain set")
     xstest_repeat: int = opt(50, "XSTest compliant answers, repeated this many times, in the retain set "
                                  "(0: no XSTest file needed)")
+    xstest_holdout: float = opt(0.0, "share of XSTest prompts kept out of the retain set, chosen by their "
+                                     "text (data.xstest_held_out); eval.py xstest --xstest-holdout with the "
+                                     "same share measures over-refusal on exactly them (0: none, official)")
     bucket: int = opt(8, "sort rows by length within windows of this many batches, so a batch pads "
                          "little (0: off)")
     # --- speed and memory
@@ -166,6 +169,7 @@ LIMITS = {
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
     "lora_init_std": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
+    "xstest_holdout": (lambda v: 0 <= v < 1, "a share in [0, 1)"),
     "retain_pad_to": AT_LEAST_1,
 }
 
@@ -278,7 +282,8 @@ def load_data(cfg: TrainConfig, tokenizer):
     """(circuit-breaker, retain, validation) examples, checked and tokenized."""
     return data.build_training_sets(
         tokenizer, cfg.data_dir, refusal_retain=cfg.refusal_retain, with_request=cfg.with_request,
-        loss_on=cfg.loss_on, n_ultrachat=cfg.n_ultrachat, xstest_repeat=cfg.xstest_repeat, seed=cfg.seed)
+        loss_on=cfg.loss_on, n_ultrachat=cfg.n_ultrachat, xstest_repeat=cfg.xstest_repeat,
+        xstest_holdout=cfg.xstest_holdout, seed=cfg.seed)
 
 
 def train_batches(cfg: TrainConfig, cb, retain, pad_id: int, start: int = 0):

@@ -278,6 +278,7 @@ def test_refused_in_one_line_and_the_output_is_untouched(outcomes, case):
     ("lora_alpha", math.inf), ("lora_alpha", -16.0), ("lora_dropout", -0.1), ("loss_alpha", float("nan")),
     ("grad_clip", -1.0), ("weight_decay", -0.01), ("val_batches", 0), ("lora_layers", (-1, 0)),
     ("target_layers", (0, 2)), ("lora_targets", ()), ("device", "cuda:x"), ("device", "meta"),
+    ("xstest_holdout", 1.0), ("xstest_holdout", -0.1), ("xstest_holdout", float("nan")),
 ])
 def test_values_no_run_can_use_are_refused_by_flag(field, value):
     with pytest.raises(ValueError, match="^" + re.escape(train.flag(field)) + " "):

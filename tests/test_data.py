@@ -261,6 +261,29 @@ def test_llama31_defaults_are_llama3s(llama31, tmp_path):
     assert cb[0].tokens[:5] == [128000, 128006, 9125, 128007, 271]    # the template's own system turn first
 
 
+def test_xstest_holdout_keeps_the_held_out_prompts_out_of_the_retain_set(toy, tmp_path):
+    d = write_data_dir(tmp_path)
+    rows = [{"id": f"v2-{i}", "prompt": f"How do I kill process {i}?", "completion": f"Use kill {i}.",
+             "final_label": "1_full_compliance"} for i in range(40)]
+    write_csv(d / data.XSTEST, rows)
+    held = {r["prompt"] for r in rows if data.xstest_held_out(r["prompt"], 0.5)}
+    assert 5 < len(held) < 35
+    assert {r["prompt"] for r in rows if data.xstest_held_out(r["prompt"], 0.25)} < held  # nested shares
+    (_, retain, _), log = build(toy, d, with_request="always", refusal_retain=False, xstest_repeat=1,
+                                xstest_holdout=0.5)
+    def turn(r):
+        return toy.apply_chat_template([{"role": "user", "content": r["prompt"]}], True) + toy.encode(r["completion"])
+    assert [e.tokens for e in retain[30:]] == [turn(r) for r in rows if r["prompt"] not in held]
+    assert not {tuple(turn(r)) for r in rows if r["prompt"] in held} & {tuple(e.tokens) for e in retain}
+    assert f"{40 - len(held)} XSTest ({len(held)} rows held out)" in log
+    (_, every, _), _ = build(toy, d, with_request="always", refusal_retain=False, xstest_repeat=1)
+    assert len(every) == 30 + 40  # 0, the default: the official set
+    with pytest.raises(ValueError, match="--xstest-holdout 0.999999: holds out all 40"):
+        build(toy, d, xstest_repeat=1, xstest_holdout=0.999999)
+    with pytest.raises(ValueError, match=r"--xstest-holdout 1: expected a share in \[0, 1\)"):
+        build(toy, d, xstest_repeat=1, xstest_holdout=1)
+
+
 def test_mistral_defaults(mistral, tmp_path):
     d = write_data_dir(tmp_path)
     records = [{"prompt": r["prompt"], "output": r["output"]} for r in CB_RECORDS]    # no llama3_output needed

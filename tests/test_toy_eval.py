@@ -4,6 +4,7 @@ and eval.py's `layers` command reads a toy world. The numbers themselves are tes
 
 import csv
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ from lora import merge_lora
 from rates import rate_text, wilson
 
 # Short answers and two embedding steps: these tests are about what is kept, not about the attacks' strength.
-FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2)
-ATTACKS = ("direct", "jailbreak", "prefill", "embed", "ablate")
+FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2, embed_strong_steps=2)
+ATTACKS = ("direct", "jailbreak", "prefill", "embed", "embed_strong", "ablate")
 
 
 def random_direction(world_dir) -> refusal.RefusalDirection:
@@ -89,9 +90,9 @@ def test_toy_table_shows_each_rate_with_its_interval_and_n():
     rates = {"refusal": 0.25, "broken": 0.5, "compliant": 0.25, "n": 4}
     table = toy_eval.toy_table({"base": {**{m: 0.25 for m in counts}, "counts": counts, "outcomes": {"direct": rates}}})
     lines = table.splitlines()
-    assert lines[1] == f"{'benign_accuracy':<20}{rate_text(1, 4):>30}"
-    assert lines[3:7] == [f"{'direct_asr':<20}{rate_text(1, 4):>30}", f"  {'refusal':<18}{rate_text(1, 4):>30}",
-                          f"  {'broken':<18}{rate_text(2, 4):>30}", f"  {'compliant':<18}{rate_text(1, 4):>30}"]
+    assert lines[1] == f"{'benign_accuracy':<20}{rate_text(1, 4):>32}"
+    assert lines[3:7] == [f"{'direct_asr':<20}{rate_text(1, 4):>32}", f"  {'refusal':<18}{rate_text(1, 4):>32}",
+                          f"  {'broken':<18}{rate_text(2, 4):>32}", f"  {'compliant':<18}{rate_text(1, 4):>32}"]
 
 
 def test_every_generation_is_kept_and_judged(result, toy_world):
@@ -170,6 +171,40 @@ def test_the_circuit_broken_model_alone_with_a_given_direction(toy_world, adapte
     assert list(alone) == ["circuit_breaker"] and "ablate_asr" in alone["circuit_breaker"]
     with pytest.raises(ValueError, match="circuit_breaker with an adapter"):
         toy_eval.evaluate_toy(toy_world, None, models=("circuit_breaker",))
+
+
+def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
+    """eval.py toy --samples 4: every rate counts the 4 answers per item, each attack also has its
+    best-of-4 ASR, and the incoherence threshold comes from the base model's sampled benign answers."""
+    from safetensors.torch import save_file
+    d = random_direction(toy_world)
+    direction = tmp_path / "direction.safetensors"
+    save_file({"direction": d.direction, **{f"layer.{l}": v for l, v in enumerate(d.layers)}}, str(direction),
+              metadata={"layer": str(d.layer), "position": str(d.position)})
+    out = tmp_path / "toy.json"
+    ev.main(["toy", "--toy-root", str(toy_world), "--direction", str(direction), "--device", "cpu",
+             "--max-new-tokens", "8", "--embed-steps", "2", "--embed-strong-steps", "2", "--samples", "4",
+             "--temperature", "1.0", "--out", str(out)])
+    base = json.loads(out.read_text())["base"]
+    world = toy.load_world(toy_world)
+    n = len(world["harmful_eval"])
+    assert (base["samples"], base["temperature"], base["top_p"]) == (4, 1.0, 1.0)
+    for attack in ATTACKS:
+        judged = [g for g in base["generations"] if g["set"] == "harmful" and g["attack"] == attack]
+        assert [g["sample"] for g in judged] == [0, 1, 2, 3] * n
+        per, best = base["counts"][f"{attack}_asr"], base["counts"][f"{attack}_asr_best_of_k"]
+        assert (per["n"], best["n"], base["outcomes"][attack]["n"]) == (4 * n, n, 4 * n)
+        hits = [g["score"] == 1 for g in judged]
+        assert best["successes"] == sum(any(hits[i:i + 4]) for i in range(0, 4 * n, 4))
+        assert base[f"{attack}_asr_best_of_k"] >= base[f"{attack}_asr"]
+        assert base["ci95"][f"{attack}_asr_best_of_k"] == list(wilson(best["successes"], n))
+    benign = [g for g in base["generations"] if g["set"] == "benign"]
+    assert len(benign) == 4 * len(world["benign_eval"])
+    model, tok = load_model(toy_world / "model", None, torch.float32)
+    prompts = [chat_prompt(tok, [{"role": "user", "content": g["question"]}]) for g in benign]
+    nlls = outcomes.nll_per_token(model, tok, prompts, [g["generation"] for g in benign])
+    assert base["nll_threshold"] == pytest.approx(outcomes.nll_threshold(nlls), abs=1e-4)
+    assert "best of 4" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
