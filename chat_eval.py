@@ -37,8 +37,8 @@ from data import load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
 from outcomes import nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates
-from rates import wilson
-from toy_eval import NOT_FROM_TOKENS, scoring_prompt
+from rates import rate_text, wilson
+from toy_eval import NOT_FROM_TOKENS, outcome_text, scoring_prompt
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr")
 MODELS = ("base", "circuit_breaker")
@@ -172,3 +172,22 @@ def reference_nll(model, tok, texts: dict, batch_size: int) -> dict:
         out[name] = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
     return out
 
+
+
+def chat_table(result: dict) -> str:
+    """Each model's rates as rate (successes/n) [95% interval], each attack's outcome classes under it,
+    then the NLL of the reference texts and (circuit-broken) the layer cosines at the deepest layers."""
+    names = list(result)
+    lines = [f"{'':<22}" + "".join(f"{n:>32}" for n in names)]
+    for m in CHAT_METRICS:
+        lines.append(f"{m:<22}" + "".join(f"{rate_text(**result[n]['counts'][m]):>32}" for n in names))
+        kind = "benign" if m == "benign_compliant" else m.removesuffix("_asr")
+        lines += [f"  {c:<20}" + "".join(f"{outcome_text(result[n]['outcomes'][kind], c):>32}" for n in names)
+                  for c in ("refusal", "broken")]
+    for text in ("harmful", "benign"):
+        lines.append(f"{'NLL/token ' + text:<22}" + "".join(f"{result[n]['nll'][text]:>32.3f}" for n in names))
+    if "circuit_breaker" in result:
+        cos = result["circuit_breaker"]["layer_cos"]
+        for layer in sorted({len(cos["harmful"]) // 3, 2 * len(cos["harmful"]) // 3}):
+            lines.append(f"cosine at layer {layer}: harmful {cos['harmful'][layer]:.3f}, benign {cos['benign'][layer]:.3f}")
+    return "\n".join(lines)

@@ -12,6 +12,9 @@ attacks.py, the HarmBench classifier run on our own model.py, over-refusal, the 
     # Over-refusal: XSTest's prompts, asked directly, judged by refusal phrases
     python eval.py xstest --model-path DIR --adapter DIR --benchmark xstest_v2_completions_gpt4_gpteval.csv --out x.json
     #   --xstest-holdout 0.5: only the prompts train.py --xstest-holdout 0.5 kept out of training
+    # A small chat model, no judge needed (chat_eval.py): HarmBench's standard behaviours, benign prompts, NLL
+    python eval.py chat --model-path DIR --adapter DIR --harmbench harmbench_test.json --benign harmless_val.json \\
+        --out chat.json
     # The toy world: base and circuit-broken model, every attack, the toy judge
     python eval.py toy --adapter out/toy/adapter --out out/toy/eval.json
     # The paper's analysis: cosine between base and circuit-broken residual states, layer by layer
@@ -43,6 +46,7 @@ import toy
 from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, attack_direct, chat_prompt,
                      check_decoding, decoding, each_sample, generate_texts, load_model, read_direction, release,
                      run_attack)
+from chat_eval import CHAT_CONFIG, chat_table, evaluate_chat
 from data import load_harmbench, load_ultrachat, xstest_held_out
 from layers import evaluate_layers, layers_table, write_layers
 from lora import lora_disabled
@@ -454,6 +458,16 @@ def parse_args(argv):
     c.add_argument("--out", required=True, help="results JSON")
     add_attack_flags(c, TOY_CONFIG)
 
+    c, d = command("chat", "a small chat model, no judge needed: HarmBench's standard behaviours (direct, prefill, "
+                   "embed), held-out benign prompts, the NLL of the base model's answers, layer cosines", evaluate_chat)
+    add_model_flags(c)
+    c.add_argument("--harmbench", required=True, help="HarmBench JSON: its standard behaviours are attacked")
+    c.add_argument("--benign", required=True, help="held-out benign instructions, [{\"instruction\"}] (harmless_val.json)")
+    c.add_argument("--n-benign", type=int, default=d["n_benign"], help="benign instructions asked")
+    c.add_argument("--n-embed", type=int, default=d["n_embed"], help="behaviours the embed attack optimises")
+    c.add_argument("--out", required=True, help="results JSON")
+    add_attack_flags(c, CHAT_CONFIG, ("batch_size", "max_new_tokens", "embed_steps"))
+
     c, d = command("layers", "cosine of base and circuit-broken states, layer by layer", evaluate_layers)
     add_analysis_flags(c, d, "circuit-breaker set JSON (harmful prompt + output)", required=False)
     c.add_argument("--benign", help="benign chat JSONL (default: ultrachat.jsonl beside --data)")
@@ -489,7 +503,8 @@ def add_analysis_flags(p, defaults, data: str, required=True):
 
 # The least value of each counting flag; a negative --start or --limit would be a Python slice.
 MINIMUMS = {"start": 0, "limit": 1, "batch_size": 1, "max_new_tokens": 1, "max_length": 1, "embed_tokens": 1,
-            "embed_steps": 0, "embed_strong_tokens": 1, "embed_strong_steps": 0, "samples": 1}
+            "embed_steps": 0, "embed_strong_tokens": 1, "embed_strong_steps": 0, "samples": 1, "n_benign": 1,
+            "n_embed": 0}
 
 
 def run(args):
@@ -513,6 +528,9 @@ def run(args):
     elif args.command == "toy":
         result = cli.call(evaluate_toy, args, cfg=attack_config(args, TOY_CONFIG))
         print(toy_table(result))
+    elif args.command == "chat":
+        result = cli.call(evaluate_chat, args, cfg=attack_config(args, CHAT_CONFIG))
+        print(chat_table(result))
     elif args.command == "layers":
         result = cli.call(evaluate_toy_layers if args.toy_root else evaluate_layers, args)
         print(layers_table(result))
