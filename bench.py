@@ -137,15 +137,15 @@ def modes(cfg: train.TrainConfig, truncate: bool, reference: bool, cb, retain, p
     """Ours, and the reference: the same step with the official passes, fp32 weights under bf16 autocast
     on a GPU, and the official padding (512 + 512 and 1024, masks passed). Each on its first `steps` batches."""
     def first(stream) -> list[data.Batch]:  # random weights: real ids fold into the shape's vocabulary
-        return [data.Batch(b.cb_tokens % vocab_size, b.cb_mask, b.retain_tokens % vocab_size, b.retain_mask,
-                           b.cb_loss_mask) for b in itertools.islice(stream, steps)]
+        return [b._replace(cb_tokens=b.cb_tokens % vocab_size, retain_tokens=b.retain_tokens % vocab_size)
+                for b in itertools.islice(stream, steps)]
 
     cuda = cfg.device.startswith("cuda")
     ours_batches = first(train.train_batches(cfg, cb, retain, pad_id))
     ours = Mode("ours", cfg, not truncate, cuda and cfg.dtype == "bf16", ours_batches)
     if not reference:
         return [ours]
-    ref_cfg = dataclasses.replace(cfg, dtype="fp32", bucket=0, compile=False)
+    ref_cfg = dataclasses.replace(cfg, dtype="fp32", pack=False, bucket=0, compile=False, micro_batch=0)
     official = data.batches(cb, retain, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, pad_to=data.OFFICIAL_LENGTHS)
     return [ours, Mode("reference", ref_cfg, True, cuda, first(official))]
 
@@ -154,8 +154,8 @@ class OfficialPasses(Transformer):
     """The forward the official code calls (HF's, with output_hidden_states): every loaded block whatever
     last_layer asks, then the final norm and the logits over the vocabulary, cast to fp32 and never read."""
 
-    def forward(self, tokens=None, attention_mask=None, *, input_embeds=None, last_layer=None):
-        logits, hiddens = super().forward(tokens, attention_mask, input_embeds=input_embeds)
+    def forward(self, tokens=None, attention_mask=None, *, lengths=None, input_embeds=None, last_layer=None):
+        logits, hiddens = super().forward(tokens, attention_mask, lengths=lengths, input_embeds=input_embeds)
         logits.float()
         return logits, hiddens
 
@@ -191,9 +191,7 @@ class Runner:
         t0 = time.perf_counter()
         batch = batch.to(cfg.device)
         self.model.train()
-        with self.autocast:
-            loss, _ = train.step_loss(self.model, batch, i, cfg, losses.rerouting_loss)  # the paper's term
-        loss.backward()
+        train.step_gradients(self.model, batch, i, cfg, losses.rerouting_loss, self.autocast)  # the paper's term
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,7 +215,7 @@ class Runner:
     def report(self, peak_tflops: float | None, loadavg: list[float]) -> dict:
         times, (cfg, batches) = self.times, (self.mode.cfg, self.mode.batches)
         tflops = flops.tflops_per_step(self.args, cfg, batches, self.mode.official_passes)
-        mean, real = statistics.mean(times), sum(int(b.cb_mask.sum() + b.retain_mask.sum()) for b in batches)
+        mean, real = statistics.mean(times), sum(real_tokens(b) for b in batches)
         return dict(step_s_median=statistics.median(times), step_s_mean=mean, step_s=[round(t, 3) for t in times],
                     tokens_real=real, tokens_padded=sum(b.cb_mask.numel() + b.retain_mask.numel() for b in batches),
                     tokens_per_s=real / sum(times), peak_mem_gib=self.peak_mem_gib, tflops_per_step=tflops,
@@ -272,7 +270,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="our base weights (default: as train.py)")
     add("--grad-ckpt", action=on_off, help="gradient checkpointing, both modes (default: on for CUDA)")
     add("--truncate", action=on_off, default=True, help="cb passes stop at the deepest target layer, no head")
+    add("--pack", action=on_off, default=train.TrainConfig.pack, help="packed rows, ours (default: on, as train.py)")
     add("--bucket", type=int, default=train.TrainConfig.bucket, help="length-bucketing window in batches, 0: off")
+    add("--micro-batch", type=int, default=0, help="examples per forward and backward, ours (default: all)")
     add("--compile", action=on_off, default=False, help="torch.compile each block (default: off, as train.py)")
     add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
@@ -289,10 +289,11 @@ def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
         raise ValueError(f"--device {a.device}, but torch sees no CUDA device (--flops-only needs none)")
     if a.out:
         cli.check_output(a.out, "--out")
-    given = {k: getattr(a, k) for k in ("device", "dtype", "grad_ckpt", "bucket", "compile", "batch_size",
-                                        "data_dir") if getattr(a, k) is not None}
+    given = {k: getattr(a, k) for k in ("device", "dtype", "grad_ckpt", "pack", "bucket", "compile", "micro_batch",
+                                        "batch_size", "data_dir") if getattr(a, k) is not None}
     settings = SHAPE_CONFIG[a.shape]
-    cfg = train.resolve(train.TrainConfig(**{**train.PRESETS[settings["model"]], **settings, **given}))
+    cfg = train.resolve(train.TrainConfig(**{**train.PRESETS[settings["model"]], **settings, **given}),
+                        device_present=not a.flops_only)
     if cfg.bucket and a.steps % cfg.bucket:
         raise ValueError(f"--steps {a.steps} is not a multiple of --bucket {cfg.bucket}: both modes must time "
                          f"whole bucket windows to see the same examples")
@@ -324,10 +325,14 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
     return record
 
 
+def real_tokens(b: data.Batch) -> int:
+    return int(b.cb_mask.sum() + b.retain_mask.sum())
+
+
 def length_summary(batches: list[data.Batch]) -> dict:
     """Real row lengths of the timed examples: the distribution the numbers hold for."""
-    cb = [n for b in batches for n in b.cb_mask.sum(1).tolist()]
-    retain = [n for b in batches for n in b.retain_mask.sum(1).tolist()]
+    cb = [n for b in batches for n in b.cb_lengths or b.cb_mask.sum(1).tolist()]
+    retain = [n for b in batches for n in b.retain_lengths or b.retain_mask.sum(1).tolist()]
     at_cap = sum(n >= data.OFFICIAL_LENGTHS.retain for n in retain) / len(retain)
     return dict(cb_mean=statistics.mean(cb), cb_max=max(cb), retain_mean=statistics.mean(retain),
                 retain_max=max(retain), retain_share_at_cap=at_cap)
