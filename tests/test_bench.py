@@ -69,8 +69,8 @@ def test_out_is_replaced_whole_and_survives_a_failed_run(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temporary file left beside it
 
 
-@pytest.mark.parametrize("official,ckpt", [(False, False), (True, True)])
-def test_flop_count_matches_torch_flop_counter(official, ckpt):
+@pytest.mark.parametrize("official,ckpt,packed", [(False, False, False), (True, True, False), (False, True, True)])
+def test_flop_count_matches_torch_flop_counter(official, ckpt, packed):
     """Every matmul of a real step (torch counts aten.mm; CPU attention kernels it does not count) against
     the formula without its attention part. The formula ignores that block 0's q/k/v projections need no
     input gradient and that checkpointing does not recompute a block's last matmul: within 3% here,
@@ -78,11 +78,19 @@ def test_flop_count_matches_torch_flop_counter(official, ckpt):
     flags = ["--shape", "tiny", "--device", "cpu", "--batch-size", "2", "--grad-ckpt" if ckpt else "--no-grad-ckpt"]
     cfg, args = bench.config_from_args(bench.parse_args(flags)), bench.SHAPES["tiny"]
     torch.manual_seed(0)
-    cb, retain = torch.randint(args.vocab_size, (2, 48)), torch.randint(args.vocab_size, (2, 32))
-    batch = data.Batch(cb, torch.ones_like(cb), retain, torch.ones_like(retain), torch.ones_like(cb))
+    if packed:  # two rows of each set one after another, then a padding tail
+        cb, retain = torch.randint(args.vocab_size, (1, 96)), torch.randint(args.vocab_size, (1, 64))
+        batch = data.Batch(cb, torch.ones_like(cb), retain, torch.ones_like(retain), torch.ones_like(cb),
+                           cb_lengths=(40, 48), retain_lengths=(30, 32))
+    else:
+        cb, retain = torch.randint(args.vocab_size, (2, 48)), torch.randint(args.vocab_size, (2, 32))
+        batch = data.Batch(cb, torch.ones_like(cb), retain, torch.ones_like(retain), torch.ones_like(cb))
     runner = bench.Runner(bench.Mode("ours", cfg, official, autocast=False, batches=[batch]), args)
     with FlopCounterMode(display=False) as counter:
         runner.step(1, batch)
     parts = flops.step_flops(args, cfg, batch, official)
     assert (parts["head"] > 0) == official
+    # attention is counted row by row: packed rows and their tail, or the padded rows
+    assert flops.rows_run(batch.cb_tokens, batch.cb_lengths) == ([40, 48, 8] if packed else [48, 48])
+    assert flops.rows_run(batch.retain_tokens, batch.retain_lengths) == ([30, 32, 2] if packed else [32, 32])
     assert counter.get_total_flops() == pytest.approx(parts["linear"] + parts["lora"] + parts["head"], rel=0.03)
