@@ -29,9 +29,10 @@ Where we leave it, and why:
     (model.py, "Packed rows"), so no row is padded; `pack=False` pads to the longest row of a batch
     instead, and the official 512 + 512 and 1024 layout remains available as `pad_to=OFFICIAL_LENGTHS`,
     for timing. Batches are drawn at random as officially: sorting rows by length into batches
-    (`bucket`) would pad less but reweight examples, since the rerouting term is a token mean per batch. The masks keep padding out of the losses (the official retain
-    loss also counted padded positions in its mean, which a loss can reproduce from the mask). The official
-    left padding shifted the positions of a row's tokens by a constant, which RoPE attention ignores.
+    (`bucket`) would pad less but reweight examples, since the rerouting term is a token mean per batch.
+    The masks keep padding out of the losses (the official retain loss also counted padded positions in its
+    mean, which a loss can reproduce from the mask). The official left padding shifted the positions of a
+    row's tokens by a constant, which RoPE attention ignores.
   - The random choice is drawn from our own seeded generator; officially numpy's global generator, seeded
     with np.random.seed(42) before the dataset is built, so both are reproducible but draw differently.
   - The request goes through the chat template, which trims it (as Llama-3's template and Meta's own code
