@@ -208,15 +208,20 @@ def direction_loss(h_new, h_orig, mask: Tensor, directions: Tensor, eps: float =
 
 
 @torch.no_grad()
-def cosine_metric(h_new, h_orig, mask: Tensor) -> float:
-    """Mean cosine between new and original states over masked tokens and layers (no ReLU): 1 means
-    unchanged, 0 orthogonal, negative pushed past orthogonal. Rerouting should drive it down on harmful
-    text; on harmless text it should stay near 1."""
+def cosine_mean(h_new, h_orig, mask: Tensor) -> Tensor:
+    """Mean cosine between new and original states over masked tokens and layers (no ReLU), as a 0-d
+    fp32 tensor left where the states are: 1 means unchanged, 0 orthogonal, negative pushed past
+    orthogonal. Rerouting should drive it down on harmful text; on harmless text it should stay near 1."""
     total, n_layers = 0.0, 0
     for new, orig in zip(h_new, h_orig, strict=True):
         total = total + _masked_sum(_cosine(new, orig), mask)
         n_layers += 1
-    return (total / (n_layers * _n_tokens(mask))).item()
+    return total / (n_layers * _n_tokens(mask))
+
+
+def cosine_metric(h_new, h_orig, mask: Tensor) -> float:
+    """cosine_mean as a Python float (a host synchronisation on a GPU)."""
+    return cosine_mean(h_new, h_orig, mask).item()
 
 
 # ----------------------------------------------------------------------------------------------------

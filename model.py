@@ -180,8 +180,8 @@ def packed(lengths, T: int, window: int | None) -> Packed:
 
 
 def packed_positions(p: Packed, device) -> torch.Tensor:
-    """(1, T): 0..n_i - 1 within each row."""
-    return torch.cat([torch.arange(n, device=device) for n in p.rows])[None]
+    """(1, T): 0..n_i - 1 within each row. Built on the CPU and copied once, not a kernel per row."""
+    return torch.cat([torch.arange(n) for n in p.rows])[None].to(device, non_blocking=True)
 
 
 def packed_attention(q, k, v, p: Packed, gqa: bool) -> torch.Tensor:

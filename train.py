@@ -345,12 +345,13 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
         retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask) * retain_share
     loss = cb_coeff * cb_loss + retain_coeff * retain_loss
 
+    # Metrics stay on the device (0-d tensors), read all at once after the step's backward (on_host).
     at_targets = lambda states: [states[l] for l in cfg.target_layers]  # noqa: E731
-    cb_cos = losses.cosine_metric(cb_new, cb_orig, batch.cb_loss_mask)
-    retain_cos = losses.cosine_metric(at_targets(retain_new), at_targets(retain_orig), batch.retain_mask)
-    metrics = dict(loss=loss.item(), cb_loss=cb_loss.item(), retain_loss=retain_loss.item(),
-                   cb_coeff=cb_coeff, retain_coeff=retain_coeff,
-                   cb_cos=cb_cos * float(cb_share), retain_cos=retain_cos * float(retain_share))
+    cb_cos = losses.cosine_mean(cb_new, cb_orig, batch.cb_loss_mask)
+    retain_cos = losses.cosine_mean(at_targets(retain_new), at_targets(retain_orig), batch.retain_mask)
+    metrics = dict(loss=loss.detach(), cb_loss=cb_loss.detach(), retain_loss=retain_loss.detach(),
+                   cb_coeff=cb_coeff, retain_coeff=retain_coeff, cb_cos=cb_cos * cb_share,
+                   retain_cos=retain_cos * retain_share)
     return loss, metrics
 
 
@@ -361,20 +362,27 @@ def share(part, whole):
 
 def step_gradients(model, batch, step: int, cfg: TrainConfig, rerouting, autocast) -> dict:
     """Backward of the step's loss into the LoRA weights' .grad, over pieces of --micro-batch examples
-    (one piece without it) -> the step's metrics. Each piece's loss is checked before its backward;
-    the forward runs under `autocast`, the backward outside it (as torch recommends)."""
+    (one piece without it) -> the step's metrics, as floats. The forward runs under `autocast`, the
+    backward outside it (as torch recommends). The metrics are read in one host synchronisation at the
+    end, so that the GPU never waits for the host within a step; the caller checks the loss before it
+    updates any weight."""
     pieces = batch.split(cfg.micro_batch) if cfg.micro_batch else [batch]
     whole = batch if len(pieces) > 1 else None
     total = {}
     for piece in pieces:
         with autocast:
             loss, m = step_loss(model, piece, step, cfg, rerouting, whole)
-        if not math.isfinite(m["loss"]):
-            return m  # the caller stops: no update is made from this step
         loss.backward()
         for key, value in m.items():
             total[key] = value if key.endswith("coeff") else total.get(key, 0.0) + value
-    return total
+    return on_host(total)
+
+
+def on_host(metrics: dict) -> dict:
+    """The metrics that are tensors (0-d, on the device) as floats, in one host synchronisation."""
+    measured = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].float() for k in measured]).tolist() if measured else []
+    return {**metrics, **dict(zip(measured, values))}
 
 
 def right_padded(mask) -> bool:
@@ -463,6 +471,7 @@ def train(cfg: TrainConfig):
     batches = train_batches(cfg, cb, retain, tokenizer.pad_id, start)
     for step, batch in zip(range(start + 1, cfg.steps + 1), batches):
         t0 = time.perf_counter()
+        n_tokens = int(batch.cb_mask.sum() + batch.retain_mask.sum())  # on the CPU, before the batch moves
         batch = batch.to(cfg.device)
         model.train()
         m = step_gradients(model, batch, step, cfg, rerouting, autocast)
@@ -472,7 +481,7 @@ def train(cfg: TrainConfig):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        m.update(step=step, tokens=int(batch.cb_mask.sum() + batch.retain_mask.sum()),
+        m.update(step=step, tokens=n_tokens,
                  step_time_s=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(cfg.device))
         if cfg.val_every and step % cfg.val_every == 0:
             model.eval()
