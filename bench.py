@@ -229,7 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--pack", action=on_off, default=train.TrainConfig.pack, help="packed rows, ours (default: on, as train.py)")
     add("--bucket", type=int, default=train.TrainConfig.bucket, help="length-bucketing window in batches, 0: off")
     add("--micro-batch", type=int, default=0, help="examples per forward and backward, ours (default: all)")
-    add("--compile", action=on_off, default=False, help="torch.compile each block (default: off, as train.py)")
+    add("--compile", action=on_off, help="torch.compile each block, ours (default: as train.py, on for CUDA)")
     add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
     add("--out", help="also write the JSON record to this file")

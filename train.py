@@ -98,7 +98,8 @@ class TrainConfig:
     # --- speed and memory
     dtype: str = opt("auto", "base weights (auto: bf16 on CUDA, fp32 on CPU)", ("auto", "bf16", "fp32"))
     grad_ckpt: bool | None = opt(None, "gradient checkpointing per block (default: on for CUDA)")
-    compile: bool = opt(False, "torch.compile each block")
+    compile: bool | None = opt(None, "torch.compile each block (default: on for CUDA; a block that fails to "
+                                     "compile runs eagerly)")
     micro_batch: int = opt(0, "examples of each set per forward and backward, gradients accumulated over the "
                               "step's batch with the whole batch's normalisation (0: the whole batch at once)")
     # --- bookkeeping
@@ -139,6 +140,8 @@ def resolve(cfg: TrainConfig, device_present: bool = True) -> TrainConfig:
         cfg.lora_layers = tuple(range(max(cfg.target_layers) + 1))
     if cfg.grad_ckpt is None:
         cfg.grad_ckpt = cfg.device.startswith("cuda")
+    if cfg.compile is None:
+        cfg.compile = cfg.device.startswith("cuda")
     if cfg.dtype == "auto":
         cfg.dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
     return cfg
@@ -262,8 +265,12 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
                layers=cfg.lora_layers, b_std=cfg.lora_init_std)
     model.gradient_checkpointing = cfg.grad_ckpt
     if cfg.compile:
+        # Where compiling fails (no compiler, an unsupported op), the block runs eagerly: slower, same result.
+        torch._dynamo.config.suppress_errors = True
         for block in model.model.layers:
-            block.compile(dynamic=True)  # lengths vary from batch to batch
+            # Lengths vary from batch to batch: dynamic shapes. Packed rows compile once per row count
+            # (the batch's rows, with or without a padding tail), not once per step.
+            block.compile(dynamic=True)
     return model
 
 
