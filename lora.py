@@ -62,8 +62,12 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return y
-        # The update runs in fp32 (or in autocast's dtype under autocast), then joins y's dtype.
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        # Outside autocast the update runs in fp32 (A and B's dtype). Under autocast it runs in autocast's
+        # dtype, which casts A and B (the fp32 master weights) for the matmuls: x is left in its own
+        # dtype, so no fp32 copy of the activations is made just to be cast back.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
         return y + (self.scale * update).to(y.dtype)
 
     def delta(self) -> torch.Tensor:

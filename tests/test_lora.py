@@ -159,3 +159,22 @@ def test_b_std_starts_b_as_noise_and_zero_keeps_the_default_draws():
     assert torch.equal(torch.rand(1), after_plain)  # no extra random draw: other runs keep their numerics
     noisy = LoRALinear(nn.Linear(64, 32, bias=False), r=8, alpha=8, dropout=0.0, b_std=0.05)
     assert 0.03 < noisy.lora_B.weight.std().item() < 0.07
+
+
+def test_under_autocast_the_update_runs_in_bf16_on_fp32_master_weights():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    layer = lora.LoRALinear(base, r=8, alpha=16, dropout=0.0, b_std=0.1)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_A.weight.grad.dtype == torch.float32  # fp32 masters
+    # the update as bf16 matmuls of the bf16 input and the rounded master weights
+    A, B = layer.lora_A.weight.bfloat16(), layer.lora_B.weight.bfloat16()
+    expected = x @ base.weight.T + (layer.scale * ((x @ A.T) @ B.T)).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # outside autocast: fp32 update, as before
+        exact = x @ base.weight.T + (x.float() @ layer.delta().T).to(torch.bfloat16)  # delta: scale * B A
+        torch.testing.assert_close(layer(x), exact, atol=2e-2, rtol=2e-2)
