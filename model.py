@@ -220,6 +220,13 @@ class KVCache:
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
+def project(x, *layers) -> list:
+    """[layer(x) for each layer]. Layers that can share the work on a common input say how with a
+    `project_together(x, layers)` method (LoRA layers: one dropout and one matmul for all their A's)."""
+    together = getattr(layers[0], "project_together", None)
+    return together(x, layers) if together else [layer(x) for layer in layers]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -231,9 +238,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, HE), (B, T, KE), (B, T, KE)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, E)
@@ -258,7 +266,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, F) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

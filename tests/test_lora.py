@@ -178,3 +178,34 @@ def test_under_autocast_the_update_runs_in_bf16_on_fp32_master_weights():
     with torch.no_grad():  # outside autocast: fp32 update, as before
         exact = x @ base.weight.T + (x.float() @ layer.delta().T).to(torch.bfloat16)  # delta: scale * B A
         torch.testing.assert_close(layer(x), exact, atol=2e-2, rtol=2e-2)
+
+
+def projections(dropout: float, b_std: float = 0.1):
+    """q, k, v LoRA layers of one input width, B off zero so that every update shows."""
+    torch.manual_seed(0)
+    return [lora.LoRALinear(torch.nn.Linear(32, out, bias=False), r=4, alpha=8, dropout=dropout, b_std=b_std)
+            for out in (32, 16, 16)]
+
+
+def test_projections_together_equal_one_at_a_time():
+    layers, x = projections(dropout=0.0), torch.randn(2, 5, 32)
+    together = lora.LoRALinear.project_together(x, layers)
+    for y, layer in zip(together, layers, strict=True):
+        torch.testing.assert_close(y, layer(x), atol=1e-6, rtol=1e-6)
+    for layer in layers:
+        layer.disabled = True
+    for y, layer in zip(lora.LoRALinear.project_together(x, layers), layers, strict=True):
+        torch.testing.assert_close(y, x @ layer.weight.T, atol=0, rtol=0)  # disabled: the base exactly
+    mixed = [layers[0], torch.nn.Linear(32, 16, bias=False)]  # no LoRA on one: each on its own
+    assert [y.shape[-1] for y in lora.LoRALinear.project_together(x, mixed)] == [32, 16]
+
+
+def test_projections_together_share_one_dropout_mask():
+    layers, x = projections(dropout=0.5), torch.randn(2, 5, 32)
+    torch.manual_seed(7)
+    together = lora.LoRALinear.project_together(x, layers)
+    torch.manual_seed(7)
+    dropped = layers[0].lora_dropout(x)  # the one draw the fused path makes
+    for y, layer in zip(together, layers, strict=True):
+        expected = x @ layer.weight.T + layer.scale * layer.lora_B(layer.lora_A(dropped))
+        torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)
