@@ -4,6 +4,7 @@ Time circuit-breaker training steps: our fast path next to the official code's l
     python bench.py                                   # CPU: the small shape, realistic lengths, ~5 minutes
     python bench.py --shape llama3-8b --device cuda   # GPU: the paper's setting, batch 16, bf16, checkpointing
     python bench.py --shape llama3-8b --flops-only    # FLOPs of both modes on the same batches, no model built
+    python bench.py --shape llama3-8b --device cuda --profile   # two of our steps: top kernels, GPU busy share
 
 Both modes run train.py's step on random weights, the reference in the official code's layout. The record
 (JSON, printed and written to --out) holds step times, real tokens/s, peak memory, FLOPs (flops.py), MFU and the
@@ -197,6 +198,26 @@ def time_modes(modes_: list[Mode], args: ModelArgs, peak_tflops: float | None, l
     return reports
 
 
+def profile(runner: Runner, log, top: int = 15) -> dict:
+    """Our mode's first two steps under torch.profiler, after the warm-up step: the operators (on a GPU, the
+    kernels) with the most self time, and on a GPU the share of the wall time some kernel was running."""
+    cuda = runner.mode.cfg.device.startswith("cuda")
+    runner.warm_up()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for i, batch in enumerate(runner.mode.batches[:2]):
+            runner.step(i + 1, batch)
+    wall_s, events = time.perf_counter() - t0, prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    rows = [dict(name=e.key, calls=e.count, self_ms=self_us(e) / 1e3) for e in ranked]
+    for r in rows:
+        log(f"{r['self_ms']:10.1f} ms {r['calls']:7d} x  {r['name'][:90]}")
+    busy = sum(self_us(e) for e in events) / 1e6 / wall_s if cuda else None  # kernel time over wall time
+    return dict(steps=min(2, len(runner.mode.batches)), wall_s=wall_s, device_busy=busy, top=rows)
+
+
 def machine(device: str) -> dict:
     """What the numbers were measured on."""
     cpu = os.uname().machine
@@ -232,6 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--compile", action=on_off, help="torch.compile each block, ours (default: as train.py, on for CUDA)")
     add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
+    add("--profile", action="store_true", help="profile two of our steps instead of timing: top kernels, GPU busy")
     add("--out", help="also write the JSON record to this file")
     return p.parse_args(argv)
 
@@ -268,15 +290,17 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
               "lengths": length_summary(modes_[0].batches)}
     gpu = record["machine"]["device"] if cfg.device.startswith("cuda") else ""
     record["peak_bf16_tflops"] = next((tf for key, tf in PEAK_BF16_TFLOPS if key in gpu), None)
-    if a.flops_only:
+    if a.flops_only or a.profile:
         record.update({m.name: {"tflops_per_step": flops.tflops_per_step(args, m.cfg, m.batches, m.official_passes)}
                        for m in modes_})
-    else:
+    if a.profile:
+        record["profile"] = profile(Runner(modes_[0], args), log)
+    elif not a.flops_only:
         log(f"{a.shape}: {a.steps} steps of {cfg.batch_size} + {cfg.batch_size} rows per mode")
         record.update(time_modes(modes_, args, record["peak_bf16_tflops"], log))
     if a.reference:
         record["flops_ratio"] = record["reference"]["tflops_per_step"] / record["ours"]["tflops_per_step"]
-    if a.reference and not a.flops_only:
+    if a.reference and "step_s_mean" in record["reference"]:
         record["speedup"] = record["reference"]["step_s_mean"] / record["ours"]["step_s_mean"]
     return record
 

@@ -222,7 +222,8 @@ class KVCache:
 
 def project(x, *layers) -> list:
     """[layer(x) for each layer]. Layers that can share the work on a common input say how with a
-    `project_together(x, layers)` method (LoRA layers: one dropout and one matmul for all their A's)."""
+    `project_together(x, layers)` method (LoRA layers: one dropout and one matmul for all their A's);
+    a forward hook on one of those layers then does not run (hook the block, self_attn or mlp)."""
     together = getattr(layers[0], "project_together", None)
     return together(x, layers) if together else [layer(x) for layer in layers]
 

@@ -42,6 +42,17 @@ def test_smoke_prints_and_writes_its_record(tmp_path):
     assert record["speedup"] > 0 and record["flops_ratio"] > 1
 
 
+def test_profile_lists_the_top_operators_instead_of_timing():
+    done = run_bench("--steps", "2", "--profile")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    p = record["profile"]
+    assert p["steps"] == 2 and p["wall_s"] > 0 and p["device_busy"] is None  # busy share: GPU only
+    assert 0 < len(p["top"]) <= 15 and any(r["name"] == "aten::mm" for r in p["top"])
+    assert p["top"] == sorted(p["top"], key=lambda r: r["self_ms"], reverse=True)
+    assert "speedup" not in record and record["flops_ratio"] > 1  # nothing timed; FLOPs still counted
+
+
 def test_steps_must_cover_whole_bucket_windows():
     done = run_bench("--steps", "3", "--bucket", "2")
     assert done.returncode != 0 and done.stdout == ""
