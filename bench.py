@@ -90,9 +90,10 @@ class Mode:
 
 
 def modes(cfg: train.TrainConfig, truncate: bool, reference: bool, cb, retain, pad_id: int, steps: int,
-          vocab_size: int) -> list[Mode]:
+          vocab_size: int, hf_peft: bool = False) -> list[Mode]:
     """Ours, and the reference: the same step with the official passes, fp32 weights under bf16 autocast
-    on a GPU, and the official padding (512 + 512 and 1024, masks passed). Each on its first `steps` batches."""
+    on a GPU, and the official padding (512 + 512 and 1024, masks passed). Each on its first `steps` batches.
+    hf_peft: also the official step on transformers + peft (hf_reference.py), on the reference's batches."""
     def first(stream) -> list[data.Batch]:  # random weights: real ids fold into the shape's vocabulary
         return [b._replace(cb_tokens=b.cb_tokens % vocab_size, retain_tokens=b.retain_tokens % vocab_size)
                 for b in itertools.islice(stream, steps)]
@@ -104,7 +105,8 @@ def modes(cfg: train.TrainConfig, truncate: bool, reference: bool, cb, retain, p
         return [ours]
     ref_cfg = dataclasses.replace(cfg, dtype="fp32", pack=False, bucket=0, compile=False, micro_batch=0)
     official = data.batches(cb, retain, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, pad_to=data.OFFICIAL_LENGTHS)
-    return [ours, Mode("reference", ref_cfg, True, cuda, first(official))]
+    reference_mode = Mode("reference", ref_cfg, True, cuda, first(official))
+    return [ours, reference_mode] + [dataclasses.replace(reference_mode, name="hf_peft")] * hf_peft
 
 
 class OfficialPasses(Transformer):
@@ -146,14 +148,16 @@ class Runner:
         sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else lambda: None
         sync()
         t0 = time.perf_counter()
-        batch = batch.to(cfg.device)
-        self.model.train()
-        train.step_gradients(self.model, batch, i, cfg, losses.rerouting_loss, self.autocast)  # the paper's term
+        self.gradients(i, batch.to(cfg.device))
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sync()
         return time.perf_counter() - t0
+
+    def gradients(self, i: int, batch: data.Batch):
+        self.model.train()
+        train.step_gradients(self.model, batch, i, self.mode.cfg, losses.rerouting_loss, self.autocast)  # the paper's
 
     def warm_up(self):
         """An untimed step on the batch with the most padded tokens, which sets the peak memory (a CPU's
@@ -180,12 +184,19 @@ class Runner:
                     projected_min_for_steps=mean * cfg.steps / 60, loadavg_1min=loadavg)
 
 
+def runner_for(mode: Mode, args: ModelArgs) -> Runner:
+    if mode.name != "hf_peft":
+        return Runner(mode, args)
+    import hf_reference  # transformers and peft: only when asked
+    return hf_reference.HFRunner(mode, args)
+
+
 def time_modes(modes_: list[Mode], args: ModelArgs, peak_tflops: float | None, log) -> dict:
     """{mode name: its report}. On a CPU the modes take turns step by step, so that the drifting load of
     other processes falls on both; on a GPU each runs alone in memory."""
     reports = {}
     for group in [[m] for m in modes_] if modes_[0].cfg.device.startswith("cuda") else [modes_]:
-        runners, load = [Runner(m, args) for m in group], [os.getloadavg()[0]]
+        runners, load = [runner_for(m, args) for m in group], [os.getloadavg()[0]]
         for r in runners:
             r.warm_up()
         for i, r in itertools.product(range(len(group[0].batches)), runners):
@@ -252,6 +263,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--micro-batch", type=int, default=0, help="examples per forward and backward, ours (default: all)")
     add("--compile", action=on_off, help="torch.compile each block, ours (default: as train.py, on for CUDA)")
     add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
+    add("--hf", action="store_true", help="with --reference, also the official step on transformers + peft")
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
     add("--profile", action="store_true", help="profile two of our steps instead of timing: top kernels, GPU busy")
     add("--out", help="also write the JSON record to this file")
@@ -283,7 +295,7 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
     cfg, args = config_from_args(a), SHAPES[a.shape]
     tokenizer = (a.tokenizer or cfg.model_path) if a.data_dir else None
     cb, retain, pad_id = examples(cfg, a.steps * cfg.batch_size, args.vocab_size, tokenizer)
-    modes_ = modes(cfg, a.truncate, a.reference, cb, retain, pad_id, a.steps, args.vocab_size)
+    modes_ = modes(cfg, a.truncate, a.reference, cb, retain, pad_id, a.steps, args.vocab_size, a.hf and a.reference)
     record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(cfg.device), "shape": a.shape,
               "blocks_loaded": train.n_blocks_needed(cfg), "target_layers": list(cfg.target_layers),
               "batch_size": cfg.batch_size, "steps": a.steps, "data": a.data_dir or "synthetic",
@@ -302,6 +314,8 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
         record["flops_ratio"] = record["reference"]["tflops_per_step"] / record["ours"]["tflops_per_step"]
     if a.reference and "step_s_mean" in record["reference"]:
         record["speedup"] = record["reference"]["step_s_mean"] / record["ours"]["step_s_mean"]
+    if "step_s_mean" in record.get("hf_peft", {}):
+        record["speedup_hf_peft"] = record["hf_peft"]["step_s_mean"] / record["ours"]["step_s_mean"]
     return record
 
 

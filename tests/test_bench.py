@@ -1,5 +1,6 @@
 """bench.py in its smallest configuration: it runs and prints its record; flops.py counts FLOPs as torch does."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import data
 import flops
+import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,32 @@ def test_profile_lists_the_top_operators_instead_of_timing():
     assert 0 < len(p["top"]) <= 15 and any(r["name"] == "aten::mm" for r in p["top"])
     assert p["top"] == sorted(p["top"], key=lambda r: r["self_ms"], reverse=True)
     assert "speedup" not in record and record["flops_ratio"] > 1  # nothing timed; FLOPs still counted
+
+
+def test_hf_peft_mode_times_the_official_step_on_the_same_examples():
+    pytest.importorskip("peft")
+    done = run_bench("--steps", "2", "--bucket", "2", "--hf")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert len(record["hf_peft"]["step_s"]) == 2 and record["speedup_hf_peft"] > 0
+    assert record["hf_peft"]["tokens_real"] == record["ours"]["tokens_real"]
+    assert record["hf_peft"]["tokens_padded"] == record["reference"]["tokens_padded"]  # the official layout
+
+
+def test_official_step_on_peft_starts_at_the_rerouting_coefficient():
+    """PEFT starts B at zero, so the LoRA states are the frozen ones: every masked cosine is 1 and every
+    retain distance 0, and the official loss is exactly the rerouting coefficient."""
+    pytest.importorskip("peft")
+    import hf_reference
+    cfg, args = bench.config_from_args(bench.parse_args(["--shape", "tiny", "--device", "cpu"])), bench.SHAPES["tiny"]
+    cb, retain = bench.synthetic_examples(cfg, 2, args.vocab_size, seed=0)
+    batch = next(data.batches(cb, retain, 2, pad_id=0, pad_to=data.OFFICIAL_LENGTHS))
+    V = args.vocab_size
+    batch = batch._replace(cb_tokens=batch.cb_tokens % V, retain_tokens=batch.retain_tokens % V)
+    model = hf_reference.hf_model(args, dataclasses.replace(cfg, lora_dropout=0.0))
+    loss = hf_reference.official_loss(model, batch, 1, cfg)
+    cb_coeff, _ = losses.coefficients(1, cfg.steps, cfg.loss_alpha)
+    assert loss.item() == pytest.approx(cb_coeff, rel=1e-5)
 
 
 def test_steps_must_cover_whole_bucket_windows():
