@@ -172,6 +172,7 @@ class Packed:
 
 
 def packed(lengths, T: int, window: int | None) -> Packed:
+    """The rows of a sequence of T tokens from their lengths; what they leave of T is a padding row."""
     lengths = tuple(int(n) for n in lengths)
     if min(lengths, default=0) < 1 or sum(lengths) > T:
         raise ValueError(f"lengths {lengths}: expected rows of at least 1 token, together at most T = {T}")
