@@ -4,6 +4,7 @@ Time circuit-breaker training steps: our fast path next to the official code's l
     python bench.py                                   # CPU: the small shape, realistic lengths, ~5 minutes
     python bench.py --shape llama3-8b --device cuda   # GPU: the paper's setting, batch 16, bf16, checkpointing
     python bench.py --shape llama3-8b --flops-only    # FLOPs of both modes on the same batches, no model built
+    python bench.py --shape llama3-8b --device cuda --profile   # two of our steps: top kernels, GPU busy share
 
 Both modes run train.py's step on random weights, the reference in the official code's layout. The record
 (JSON, printed and written to --out) holds step times, real tokens/s, peak memory, FLOPs (flops.py), MFU and the
@@ -18,7 +19,6 @@ import gc
 import itertools
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -32,6 +32,7 @@ import flops
 import hf
 import losses
 import train
+from synthetic import synthetic_examples
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
 
@@ -61,52 +62,8 @@ SHAPE_CONFIG = {
 
 
 # -----------------------------------------------------------------------------
-# 2. Examples: the real files through train.py's loader, or synthetic rows of realistic lengths in Llama-3
-# tokens, each part a clipped log-normal (median, sigma, low, high). BENCHMARKS.md gives their sources.
-
-TEMPLATE = 10  # chat template around one request
-HARMFUL_REQUEST = (14, 0.35, 4, 100)
-HARMFUL_RESPONSE = (300, 0.45, 20, 4000)
-ULTRACHAT_WHOLE = (1100, 0.5, 60, 8000)
-ULTRACHAT_REPLY = (350, 0.5, 10, 4000)
-XSTEST_TURN = ((10, 0.2, 4, 20), (150, 0.6, 10, 256))  # request, completion
-REFUSAL_TURN = (HARMFUL_REQUEST, (25, 0.3, 8, 80))
-RETAIN_MIX = {"ultrachat": 10_000, "xstest": 230 * 50, "refusal": 2_000 * 2}  # as the official retain set
-
-
-def synthetic_examples(cfg: train.TrainConfig, n: int, vocab_size: int, seed: int):
-    """n circuit-breaker and n retain examples (data.Example) of random ids, with the lengths above capped
-    as data.build_training_sets caps them."""
-    rng, caps = random.Random(seed), data.OFFICIAL_LENGTHS
-
-    def draw(median: float, sigma: float, low: int, high: int) -> int:
-        return int(min(max(round(rng.lognormvariate(0.0, sigma) * median), low), high))
-
-    def keep_request() -> bool:  # on every row for Mistral, on half of them for Llama-3
-        return cfg.with_request == "always" or rng.random() < 0.5
-
-    def turn(request: tuple, response: tuple) -> tuple[int, int]:
-        return TEMPLATE + (draw(*request) if keep_request() else 0), draw(*response)
-
-    def example(n_prompt: int, n_reply: int, cap: int) -> data.Example:
-        n = min(n_prompt + n_reply, cap)
-        return data.Example([rng.randrange(vocab_size) for _ in range(n)], min(n_prompt, n), [1] * n)
-
-    def cb_example() -> data.Example:
-        n_prompt, n_reply = turn(HARMFUL_REQUEST, HARMFUL_RESPONSE)
-        return example(min(n_prompt, caps.request), min(n_reply, caps.response), caps.request + caps.response)
-
-    def retain_example(kind: str) -> data.Example:
-        if kind != "ultrachat":
-            return example(*turn(*(XSTEST_TURN if kind == "xstest" else REFUSAL_TURN)), caps.retain)
-        if keep_request():
-            return example(draw(*ULTRACHAT_WHOLE), 0, caps.retain)  # the whole conversation is the "prompt"
-        return example(TEMPLATE, draw(*ULTRACHAT_REPLY), caps.retain)
-
-    mix = {k: v for k, v in RETAIN_MIX.items() if k != "refusal" or cfg.refusal_retain}
-    kinds = rng.choices(list(mix), weights=list(mix.values()), k=n)
-    return [cb_example() for _ in range(n)], [retain_example(k) for k in kinds]
-
+# 2. Examples: the real files through train.py's loader, or synthetic rows of realistic lengths
+# (synthetic.py).
 
 def examples(cfg: train.TrainConfig, n: int, vocab_size: int, tokenizer_path: str | None):
     """(circuit-breaker examples, retain examples, pad id): with a tokenizer, the training sets train.py
@@ -133,29 +90,31 @@ class Mode:
 
 
 def modes(cfg: train.TrainConfig, truncate: bool, reference: bool, cb, retain, pad_id: int, steps: int,
-          vocab_size: int) -> list[Mode]:
+          vocab_size: int, hf_peft: bool = False) -> list[Mode]:
     """Ours, and the reference: the same step with the official passes, fp32 weights under bf16 autocast
-    on a GPU, and the official padding (512 + 512 and 1024, masks passed). Each on its first `steps` batches."""
+    on a GPU, and the official padding (512 + 512 and 1024, masks passed). Each on its first `steps` batches.
+    hf_peft: also the official step on transformers + peft (hf_reference.py), on the reference's batches."""
     def first(stream) -> list[data.Batch]:  # random weights: real ids fold into the shape's vocabulary
-        return [data.Batch(b.cb_tokens % vocab_size, b.cb_mask, b.retain_tokens % vocab_size, b.retain_mask,
-                           b.cb_loss_mask) for b in itertools.islice(stream, steps)]
+        return [b._replace(cb_tokens=b.cb_tokens % vocab_size, retain_tokens=b.retain_tokens % vocab_size)
+                for b in itertools.islice(stream, steps)]
 
     cuda = cfg.device.startswith("cuda")
     ours_batches = first(train.train_batches(cfg, cb, retain, pad_id))
     ours = Mode("ours", cfg, not truncate, cuda and cfg.dtype == "bf16", ours_batches)
     if not reference:
         return [ours]
-    ref_cfg = dataclasses.replace(cfg, dtype="fp32", bucket=0, compile=False)
+    ref_cfg = dataclasses.replace(cfg, dtype="fp32", pack=False, bucket=0, compile=False, micro_batch=0)
     official = data.batches(cb, retain, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, pad_to=data.OFFICIAL_LENGTHS)
-    return [ours, Mode("reference", ref_cfg, True, cuda, first(official))]
+    reference_mode = Mode("reference", ref_cfg, True, cuda, first(official))
+    return [ours, reference_mode] + [dataclasses.replace(reference_mode, name="hf_peft")] * hf_peft
 
 
 class OfficialPasses(Transformer):
     """The forward the official code calls (HF's, with output_hidden_states): every loaded block whatever
     last_layer asks, then the final norm and the logits over the vocabulary, cast to fp32 and never read."""
 
-    def forward(self, tokens=None, attention_mask=None, *, input_embeds=None, last_layer=None):
-        logits, hiddens = super().forward(tokens, attention_mask, input_embeds=input_embeds)
+    def forward(self, tokens=None, attention_mask=None, *, lengths=None, input_embeds=None, last_layer=None):
+        logits, hiddens = super().forward(tokens, attention_mask, lengths=lengths, input_embeds=input_embeds)
         logits.float()
         return logits, hiddens
 
@@ -189,16 +148,16 @@ class Runner:
         sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else lambda: None
         sync()
         t0 = time.perf_counter()
-        batch = batch.to(cfg.device)
-        self.model.train()
-        with self.autocast:
-            loss, _ = train.step_loss(self.model, batch, i, cfg, losses.rerouting_loss)  # the paper's term
-        loss.backward()
+        self.gradients(i, batch.to(cfg.device))
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         sync()
         return time.perf_counter() - t0
+
+    def gradients(self, i: int, batch: data.Batch):
+        self.model.train()
+        train.step_gradients(self.model, batch, i, self.mode.cfg, losses.rerouting_loss, self.autocast)  # the paper's
 
     def warm_up(self):
         """An untimed step on the batch with the most padded tokens, which sets the peak memory (a CPU's
@@ -217,7 +176,7 @@ class Runner:
     def report(self, peak_tflops: float | None, loadavg: list[float]) -> dict:
         times, (cfg, batches) = self.times, (self.mode.cfg, self.mode.batches)
         tflops = flops.tflops_per_step(self.args, cfg, batches, self.mode.official_passes)
-        mean, real = statistics.mean(times), sum(int(b.cb_mask.sum() + b.retain_mask.sum()) for b in batches)
+        mean, real = statistics.mean(times), sum(real_tokens(b) for b in batches)
         return dict(step_s_median=statistics.median(times), step_s_mean=mean, step_s=[round(t, 3) for t in times],
                     tokens_real=real, tokens_padded=sum(b.cb_mask.numel() + b.retain_mask.numel() for b in batches),
                     tokens_per_s=real / sum(times), peak_mem_gib=self.peak_mem_gib, tflops_per_step=tflops,
@@ -225,12 +184,19 @@ class Runner:
                     projected_min_for_steps=mean * cfg.steps / 60, loadavg_1min=loadavg)
 
 
+def runner_for(mode: Mode, args: ModelArgs) -> Runner:
+    if mode.name != "hf_peft":
+        return Runner(mode, args)
+    import hf_reference  # transformers and peft: only when asked
+    return hf_reference.HFRunner(mode, args)
+
+
 def time_modes(modes_: list[Mode], args: ModelArgs, peak_tflops: float | None, log) -> dict:
     """{mode name: its report}. On a CPU the modes take turns step by step, so that the drifting load of
     other processes falls on both; on a GPU each runs alone in memory."""
     reports = {}
     for group in [[m] for m in modes_] if modes_[0].cfg.device.startswith("cuda") else [modes_]:
-        runners, load = [Runner(m, args) for m in group], [os.getloadavg()[0]]
+        runners, load = [runner_for(m, args) for m in group], [os.getloadavg()[0]]
         for r in runners:
             r.warm_up()
         for i, r in itertools.product(range(len(group[0].batches)), runners):
@@ -241,6 +207,26 @@ def time_modes(modes_: list[Mode], args: ModelArgs, peak_tflops: float | None, l
         del runners, r  # this group's models go before the next group's are built
         gc.collect()
     return reports
+
+
+def profile(runner: Runner, log, top: int = 15) -> dict:
+    """Our mode's first two steps under torch.profiler, after the warm-up step: the operators (on a GPU, the
+    kernels) with the most self time, and on a GPU the share of the wall time some kernel was running."""
+    cuda = runner.mode.cfg.device.startswith("cuda")
+    runner.warm_up()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for i, batch in enumerate(runner.mode.batches[:2]):
+            runner.step(i + 1, batch)
+    wall_s, events = time.perf_counter() - t0, prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    rows = [dict(name=e.key, calls=e.count, self_ms=self_us(e) / 1e3) for e in ranked]
+    for r in rows:
+        log(f"{r['self_ms']:10.1f} ms {r['calls']:7d} x  {r['name'][:90]}")
+    busy = sum(self_us(e) for e in events) / 1e6 / wall_s if cuda else None  # kernel time over wall time
+    return dict(steps=min(2, len(runner.mode.batches)), wall_s=wall_s, device_busy=busy, top=rows)
 
 
 def machine(device: str) -> dict:
@@ -272,10 +258,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="our base weights (default: as train.py)")
     add("--grad-ckpt", action=on_off, help="gradient checkpointing, both modes (default: on for CUDA)")
     add("--truncate", action=on_off, default=True, help="cb passes stop at the deepest target layer, no head")
+    add("--pack", action=on_off, default=train.TrainConfig.pack, help="packed rows, ours (default: on, as train.py)")
     add("--bucket", type=int, default=train.TrainConfig.bucket, help="length-bucketing window in batches, 0: off")
-    add("--compile", action=on_off, default=False, help="torch.compile each block (default: off, as train.py)")
+    add("--micro-batch", type=int, default=0, help="examples per forward and backward, ours (default: all)")
+    add("--compile", action=on_off, help="torch.compile each block, ours (default: as train.py, on for CUDA)")
     add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
+    add("--hf", action="store_true", help="with --reference, also the official step on transformers + peft")
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
+    add("--profile", action="store_true", help="profile two of our steps instead of timing: top kernels, GPU busy")
     add("--out", help="also write the JSON record to this file")
     return p.parse_args(argv)
 
@@ -289,10 +279,11 @@ def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
         raise ValueError(f"--device {a.device}, but torch sees no CUDA device (--flops-only needs none)")
     if a.out:
         cli.check_output(a.out, "--out")
-    given = {k: getattr(a, k) for k in ("device", "dtype", "grad_ckpt", "bucket", "compile", "batch_size",
-                                        "data_dir") if getattr(a, k) is not None}
+    given = {k: getattr(a, k) for k in ("device", "dtype", "grad_ckpt", "pack", "bucket", "compile", "micro_batch",
+                                        "batch_size", "data_dir") if getattr(a, k) is not None}
     settings = SHAPE_CONFIG[a.shape]
-    cfg = train.resolve(train.TrainConfig(**{**train.PRESETS[settings["model"]], **settings, **given}))
+    cfg = train.resolve(train.TrainConfig(**{**train.PRESETS[settings["model"]], **settings, **given}),
+                        device_present=not a.flops_only)
     if cfg.bucket and a.steps % cfg.bucket:
         raise ValueError(f"--steps {a.steps} is not a multiple of --bucket {cfg.bucket}: both modes must time "
                          f"whole bucket windows to see the same examples")
@@ -304,30 +295,38 @@ def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) 
     cfg, args = config_from_args(a), SHAPES[a.shape]
     tokenizer = (a.tokenizer or cfg.model_path) if a.data_dir else None
     cb, retain, pad_id = examples(cfg, a.steps * cfg.batch_size, args.vocab_size, tokenizer)
-    modes_ = modes(cfg, a.truncate, a.reference, cb, retain, pad_id, a.steps, args.vocab_size)
+    modes_ = modes(cfg, a.truncate, a.reference, cb, retain, pad_id, a.steps, args.vocab_size, a.hf and a.reference)
     record = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(cfg.device), "shape": a.shape,
               "blocks_loaded": train.n_blocks_needed(cfg), "target_layers": list(cfg.target_layers),
               "batch_size": cfg.batch_size, "steps": a.steps, "data": a.data_dir or "synthetic",
               "lengths": length_summary(modes_[0].batches)}
     gpu = record["machine"]["device"] if cfg.device.startswith("cuda") else ""
     record["peak_bf16_tflops"] = next((tf for key, tf in PEAK_BF16_TFLOPS if key in gpu), None)
-    if a.flops_only:
+    if a.flops_only or a.profile:
         record.update({m.name: {"tflops_per_step": flops.tflops_per_step(args, m.cfg, m.batches, m.official_passes)}
                        for m in modes_})
-    else:
+    if a.profile:
+        record["profile"] = profile(Runner(modes_[0], args), log)
+    elif not a.flops_only:
         log(f"{a.shape}: {a.steps} steps of {cfg.batch_size} + {cfg.batch_size} rows per mode")
         record.update(time_modes(modes_, args, record["peak_bf16_tflops"], log))
     if a.reference:
         record["flops_ratio"] = record["reference"]["tflops_per_step"] / record["ours"]["tflops_per_step"]
-    if a.reference and not a.flops_only:
+    if a.reference and "step_s_mean" in record["reference"]:
         record["speedup"] = record["reference"]["step_s_mean"] / record["ours"]["step_s_mean"]
+    if "step_s_mean" in record.get("hf_peft", {}):
+        record["speedup_hf_peft"] = record["hf_peft"]["step_s_mean"] / record["ours"]["step_s_mean"]
     return record
+
+
+def real_tokens(b: data.Batch) -> int:
+    return int(b.cb_mask.sum() + b.retain_mask.sum())
 
 
 def length_summary(batches: list[data.Batch]) -> dict:
     """Real row lengths of the timed examples: the distribution the numbers hold for."""
-    cb = [n for b in batches for n in b.cb_mask.sum(1).tolist()]
-    retain = [n for b in batches for n in b.retain_mask.sum(1).tolist()]
+    cb = [n for b in batches for n in b.cb_lengths or b.cb_mask.sum(1).tolist()]
+    retain = [n for b in batches for n in b.retain_lengths or b.retain_mask.sum(1).tolist()]
     at_cap = sum(n >= data.OFFICIAL_LENGTHS.retain for n in retain) / len(retain)
     return dict(cb_mean=statistics.mean(cb), cb_max=max(cb), retain_mean=statistics.mean(retain),
                 retain_max=max(retain), retain_share_at_cap=at_cap)

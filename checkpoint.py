@@ -75,7 +75,8 @@ def find_checkpoint(out: Path) -> Checkpoint:
 # Fields that do not change what training computes, so a resumed run may change them. Every other field
 # must be the checkpoint's, or the resumed run would silently be another run (the schedule depends on
 # steps, the batches on seed and batch size, ...). A future field that changes only how a step is
-# computed, not its result (an exact micro-batch split, say), belongs here too.
+# computed, not its result, belongs here too. `pack` and `micro_batch` do not: they give the same losses
+# and gradients, but LoRA dropout draws its masks over tensors of other shapes, so the run would differ.
 FREE_ON_RESUME = ("out", "resume", "threads", "log_every", "val_every", "val_batches", "ckpt_every", "compile",
                   "grad_ckpt", "merge")
 

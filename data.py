@@ -3,7 +3,8 @@
 Reading order:
   1. Loaders for the files researchers already have, with one clear error per bad record.
   2. Training examples: the official recipe of the circuit-breaker paper (Zou et al. 2024).
-  3. Batches: a circuit-breaker row and a retain row per example, padded to the longest row.
+  3. Batches: a circuit-breaker row and a retain row per example, packed one after another into one
+     sequence per set (or padded to the longest row).
 
 The tokenizers and their exact chat templates are in tokenizer.py.
 
@@ -24,10 +25,14 @@ The official recipe (GraySwanAI/circuit-breakers, src/cb_train_dataset.py), whic
   - The rerouting loss looks at every real token of the circuit-breaker row (its attention mask).
 
 Where we leave it, and why:
-  - We pad only to the longest row of a batch; the official 512 + 512 and 1024 layout remains available as
-    `pad_to=OFFICIAL_LENGTHS`, for timing. The masks keep padding out of the losses (the official retain
-    loss also counted padded positions in its mean, which a loss can reproduce from the mask). The official
-    left padding shifted the positions of a row's tokens by a constant, which RoPE attention ignores.
+  - We pack a batch's rows one after another into one sequence per set, each row still run as if alone
+    (model.py, "Packed rows"), so no row is padded; `pack=False` pads to the longest row of a batch
+    instead, and the official 512 + 512 and 1024 layout remains available as `pad_to=OFFICIAL_LENGTHS`,
+    for timing. Batches are drawn at random as officially: sorting rows by length into batches
+    (`bucket`) would pad less but reweight examples, since the rerouting term is a token mean per batch.
+    The masks keep padding out of the losses (the official retain loss also counted padded positions in its
+    mean, which a loss can reproduce from the mask). The official left padding shifted the positions of a
+    row's tokens by a constant, which RoPE attention ignores.
   - The random choice is drawn from our own seeded generator; officially numpy's global generator, seeded
     with np.random.seed(42) before the dataset is built, so both are reproducible but draw differently.
   - The request goes through the chat template, which trims it (as Llama-3's template and Meta's own code
@@ -327,34 +332,74 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
 # ----------------------------------------------------------------------------------------------------
 # 3. Batches
 
+# A packed batch's tensors are (1, N): the rows one after another, then padding up to a multiple of
+# PACK_MULTIPLE tokens, so that a compiled model sees a few sequence lengths rather than a new one per step.
+PACK_MULTIPLE = 64
+
+
 class Batch(NamedTuple):
-    cb_tokens: torch.Tensor      # (B, Tc) long
+    cb_tokens: torch.Tensor      # (B, Tc) long; packed: (1, Nc)
     cb_mask: torch.Tensor        # (B, Tc) long, 1 = real token
-    retain_tokens: torch.Tensor  # (B, Tr) long
+    retain_tokens: torch.Tensor  # (B, Tr) long; packed: (1, Nr)
     retain_mask: torch.Tensor    # (B, Tr) long
     cb_loss_mask: torch.Tensor   # (B, Tc) long, 1 = the rerouting loss looks here
+    cb_lengths: tuple[int, ...] | None = None      # packed: each row's length, in order; None: one row each
+    retain_lengths: tuple[int, ...] | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in self))
+        return Batch(*(t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in self))
+
+    @property
+    def size(self) -> int:
+        """Examples of each set."""
+        return self.cb_tokens.shape[0] if self.cb_lengths is None else len(self.cb_lengths)
+
+    def split(self, size: int) -> list["Batch"]:
+        """Pieces of `size` examples of each set (the last may hold fewer), in order: micro-batches."""
+        cb, retain = self[0:2] + self[4:5], self[2:4]
+        cb_pieces, cb_lengths = _split(cb, self.cb_lengths, size)
+        retain_pieces, retain_lengths = _split(retain, self.retain_lengths, size)
+        return [Batch(c[0], c[1], r[0], r[1], c[2], cl, rl)
+                for c, r, cl, rl in zip(cb_pieces, retain_pieces, cb_lengths, retain_lengths, strict=True)]
+
+
+def _split(tensors, lengths, size):
+    """One set's (B, T) tensors cut into pieces of `size` rows, or, packed, (1, N) ones cut where rows
+    begin (the padding tail stays with the last piece). -> (pieces, their lengths or Nones)."""
+    if lengths is None:
+        B = tensors[0].shape[0]
+        return [[t[i:i + size] for t in tensors] for i in range(0, B, size)], [None] * -(-B // size)
+    starts = [sum(lengths[:i]) for i in range(0, len(lengths), size)]
+    ends = starts[1:] + [tensors[0].shape[1]]
+    return ([[t[:, a:b] for t in tensors] for a, b in zip(starts, ends)],
+            [lengths[i:i + size] for i in range(0, len(lengths), size)])
 
 
 def batches(cb: list[Example], retain: list[Example], batch_size: int, *, pad_id: int, seed: int = 0,
-            bucket: int = 0, pad_to: Lengths | None = None) -> Iterator[Batch]:
+            pack: bool = False, bucket: int = 0, pad_to: Lengths | None = None) -> Iterator[Batch]:
     """Endless batches pairing circuit-breaker and retain examples; take as many as there are steps.
 
     Each epoch draws n = min(len(cb), len(retain)) examples from each set in a fresh random order and
-    drops the last partial batch. bucket > 0 sorts rows by length within windows of `bucket` batches (then
-    shuffles those batches), so rows of a batch have similar lengths and less padding. Rows are
-    right-padded to the longest row of their batch; pad_to=OFFICIAL_LENGTHS instead pads as the official
-    code did: request left-padded to 512 and response right-padded to 512; retain left-padded to 1024.
+    drops the last partial batch. pack: each set's rows one after another in one sequence (pack_rows).
+    Otherwise rows are right-padded to the longest row of their batch; pad_to=OFFICIAL_LENGTHS instead
+    pads as the official code did: request left-padded to 512 and response right-padded to 512; retain
+    left-padded to 1024. bucket > 0 sorts rows by length within windows of `bucket` batches (then
+    shuffles those batches), so rows of a batch have similar lengths and less padding.
     """
     check_batch_size(cb, retain, batch_size)
+    if pack and pad_to is not None:
+        raise ValueError("batches: pack and pad_to exclude each other (packed rows have no padding to lay out)")
     n = min(len(cb), len(retain))
     rng = random.Random(seed)
     while True:
         cb_rows, retain_rows = rng.sample(cb, n), rng.sample(retain, n)
         for cb_batch, retain_batch in zip(_group(cb_rows, batch_size, bucket, rng),
                                           _group(retain_rows, batch_size, bucket, rng)):
+            if pack:
+                (cb_tokens, cb_mask, cb_loss_mask), cb_lengths = pack_rows(cb_batch, pad_id)
+                (retain_tokens, retain_mask, _), retain_lengths = pack_rows(retain_batch, pad_id)
+                yield Batch(cb_tokens, cb_mask, retain_tokens, retain_mask, cb_loss_mask, cb_lengths, retain_lengths)
+                continue
             if pad_to is None:
                 cb_tokens, cb_mask, cb_loss_mask = collate(cb_batch, pad_id)
                 retain_tokens, retain_mask, _ = collate(retain_batch, pad_id)
@@ -394,6 +439,17 @@ def collate(examples: list[Example], pad_id: int, side: str = "right",
     return (pad([e.tokens for e in examples], pad_id, side, length),
             pad([[1] * len(e.tokens) for e in examples], 0, side, length),
             pad([e.loss_mask for e in examples], 0, side, length))
+
+
+def pack_rows(examples: list[Example], pad_id: int, multiple: int = PACK_MULTIPLE):
+    """((tokens, mask, loss_mask), lengths): the rows one after another, each tensor (1, N) long with N the
+    total length rounded up to a multiple of `multiple` (the tail is padding, mask 0), and each row's length."""
+    lengths = tuple(len(e.tokens) for e in examples)
+    N = -(-sum(lengths) // multiple) * multiple
+    flat = lambda rows: [[x for row in rows for x in row]]  # noqa: E731
+    return ((pad(flat(e.tokens for e in examples), pad_id, length=N),
+             pad([[1] * sum(lengths)], 0, length=N),
+             pad(flat(e.loss_mask for e in examples), 0, length=N)), lengths)
 
 
 def _official_cb_layout(examples: list[Example], pad_id: int,

@@ -145,14 +145,17 @@ def official_retain_states(hiddens: list[Tensor], final_norm) -> list[Tensor]:
     return [*hiddens[:-1], final_norm(hiddens[-1])]
 
 
-def retain_loss_official(h_new, h_orig, mask: Tensor, pad_to: int = 1024) -> Tensor:
+def retain_loss_official(h_new, h_orig, mask: Tensor, pad_to: int = 1024, n_rows: int | None = None) -> Tensor:
     """Retain distance normalised as the official code does: sum of per-token L2 distances over real
-    tokens, divided by S * B * pad_to (every state, every row, every padded position).
+    tokens, divided by S * n_rows * pad_to (every state, every example, every padded position).
 
     h_new, h_orig: (S, B, T, D), all states from `official_retain_states`; mask (B, T); T <= pad_to.
+    n_rows: the examples to divide by, B by default (one per row). Packed rows (one sequence holding
+    n_rows examples, each checked against pad_to when the data is built) and micro-batches (the whole
+    batch's count) pass it.
     """
     B, T = mask.shape
-    if T > pad_to:
+    if n_rows is None and T > pad_to:
         raise ValueError(f"retain_loss_official: rows of {T} tokens are longer than pad_to={pad_to}; "
                          "the official code truncates retain examples to that length")
     total, n_states = 0.0, 0
@@ -160,7 +163,7 @@ def retain_loss_official(h_new, h_orig, mask: Tensor, pad_to: int = 1024) -> Ten
         dist = torch.linalg.vector_norm(new - orig, dim=-1, dtype=torch.float32)  # (B, T)
         total = total + _masked_sum(dist, mask)
         n_states += 1
-    return total / (n_states * B * pad_to)
+    return total / (n_states * (B if n_rows is None else n_rows) * pad_to)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,15 +208,20 @@ def direction_loss(h_new, h_orig, mask: Tensor, directions: Tensor, eps: float =
 
 
 @torch.no_grad()
-def cosine_metric(h_new, h_orig, mask: Tensor) -> float:
-    """Mean cosine between new and original states over masked tokens and layers (no ReLU): 1 means
-    unchanged, 0 orthogonal, negative pushed past orthogonal. Rerouting should drive it down on harmful
-    text; on harmless text it should stay near 1."""
+def cosine_mean(h_new, h_orig, mask: Tensor) -> Tensor:
+    """Mean cosine between new and original states over masked tokens and layers (no ReLU), as a 0-d
+    fp32 tensor left where the states are: 1 means unchanged, 0 orthogonal, negative pushed past
+    orthogonal. Rerouting should drive it down on harmful text; on harmless text it should stay near 1."""
     total, n_layers = 0.0, 0
     for new, orig in zip(h_new, h_orig, strict=True):
         total = total + _masked_sum(_cosine(new, orig), mask)
         n_layers += 1
-    return (total / (n_layers * _n_tokens(mask))).item()
+    return total / (n_layers * _n_tokens(mask))
+
+
+def cosine_metric(h_new, h_orig, mask: Tensor) -> float:
+    """cosine_mean as a Python float (a host synchronisation on a GPU)."""
+    return cosine_mean(h_new, h_orig, mask).item()
 
 
 # ----------------------------------------------------------------------------------------------------

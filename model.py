@@ -9,6 +9,7 @@ checkpoints (config.json, safetensors shards) is hf.py's job.
 The residual stream is what circuit breakers act on, so `forward` returns it directly:
 
     logits, hiddens = model(tokens, attention_mask)
+    logits, hiddens = model(tokens, lengths=(n_1, ..., n_B))   # B rows packed in one sequence (1, T)
     hiddens[0]   the token embeddings                      (B, T, D)
     hiddens[i]   the stream after block i-1, i = 1..L      (B, T, D)
 
@@ -155,6 +156,51 @@ def positions_from_mask(key_mask: torch.Tensor, T: int) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
+# Packed rows
+#
+# Training packs a batch's rows one after another into one sequence (1, T), lengths n_1..n_B, instead of
+# padding every row to the longest. Each row must then run exactly as if alone: its positions restart at 0
+# and its tokens attend only to earlier tokens of the same row (block-diagonal and causal, and within
+# Mistral's window). What is left of T after the rows is padding, run as one more row of its own.
+
+
+@dataclass(frozen=True)
+class Packed:
+    """How a packed sequence is cut: `rows` the lengths of its rows, padding included, summing to T."""
+    rows: tuple[int, ...]
+    window: int | None
+
+
+def packed(lengths, T: int, window: int | None) -> Packed:
+    """The rows of a sequence of T tokens from their lengths; what they leave of T is a padding row."""
+    lengths = tuple(int(n) for n in lengths)
+    if min(lengths, default=0) < 1 or sum(lengths) > T:
+        raise ValueError(f"lengths {lengths}: expected rows of at least 1 token, together at most T = {T}")
+    tail = T - sum(lengths)
+    return Packed(lengths + ((tail,) if tail else ()), window)
+
+
+def packed_positions(p: Packed, device) -> torch.Tensor:
+    """(1, T): 0..n_i - 1 within each row. Built on the CPU and copied once, not a kernel per row."""
+    return torch.cat([torch.arange(n) for n in p.rows])[None].to(device, non_blocking=True)
+
+
+def packed_attention(q, k, v, p: Packed, gqa: bool) -> torch.Tensor:
+    """q (1, H, T, E), k and v (1, K, T, E) -> (1, H, T, E), each row attending only within itself.
+
+    One SDPA call per row on its slice: exact, and no work on the pairs of different rows that a
+    block-diagonal (T, T) mask would still compute (most of them: each row is a small part of T)."""
+    out = []
+    for q_row, k_row, v_row in zip(q.split(p.rows, 2), k.split(p.rows, 2), v.split(p.rows, 2)):
+        n = q_row.shape[2]
+        mask = None if p.window is None or p.window >= n else attention_mask(
+            torch.ones(1, n, device=q.device), n, p.window)  # (1, 1, n, n)
+        out.append(F.scaled_dot_product_attention(q_row, k_row, v_row, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=gqa))  # (1, H, n, E)
+    return torch.cat(out, dim=2)
+
+
+# -----------------------------------------------------------------------------
 # Attention, MLP, block
 
 
@@ -175,6 +221,14 @@ class KVCache:
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
+def project(x, *layers) -> list:
+    """[layer(x) for each layer]. Layers that can share the work on a common input say how with a
+    `project_together(x, layers)` method (LoRA layers: one dropout and one matmul for all their A's);
+    a forward hook on one of those layers then does not run (hook the block, self_attn or mlp)."""
+    together = getattr(layers[0], "project_together", None)
+    return together(x, layers) if together else [layer(x) for layer in layers]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -186,16 +240,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # (B, T, HE), (B, T, KE), (B, T, KE)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, E)
         # Grouped-query attention: query head h reads kv head h // (H / K); SDPA does the grouping.
         # mask None means plain causal attention with no padding, which lets SDPA pick its fused kernels.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, E)
+        gqa = self.n_heads != self.n_kv_heads
+        if isinstance(mask, Packed):
+            y = packed_attention(q, k, v, mask, gqa)  # (1, H, T, E)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)  # (B, H, T, E)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -209,7 +268,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, F) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -258,21 +318,31 @@ class Transformer(nn.Module):
     def embed(self, tokens):
         return self.model.embed_tokens(tokens)  # (B, T) -> (B, T, D)
 
-    def forward(self, tokens=None, attention_mask=None, *, input_embeds=None, last_layer=None):
+    def forward(self, tokens=None, attention_mask=None, *, lengths=None, input_embeds=None, last_layer=None):
         """tokens (B, T) or input_embeds (B, T, D); attention_mask (B, T), 1 at real tokens (None: no padding).
+        lengths: packed rows instead (B = 1, no attention_mask): the lengths of the rows laid one after
+        another in the sequence, each run as if alone; the rest of T is padding.
         Returns logits (B, T, V) and the L+1 hidden states. last_layer=k runs blocks 0..k-1 only and
         returns hiddens[0..k] with logits None."""
         x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, D)
+        if lengths is not None:
+            if x.shape[0] != 1 or attention_mask is not None:
+                raise ValueError(f"packed rows (lengths) run as one sequence (1, T) with no attention_mask; "
+                                 f"got batch {x.shape[0]}" + (" and a mask" if attention_mask is not None else ""))
+            attention_mask = packed(lengths, x.shape[1], self.args.sliding_window)
         return self._run(x, attention_mask, last_layer=last_layer)
 
     def _run(self, x, key_mask, cache: list[KVCache] | None = None, last_layer=None):
+        """key_mask: (B, S) 1 at real tokens, None (no padding), or a Packed sequence."""
         B, T, _ = x.shape
         n_built = len(self.model.layers)
         n = n_built if last_layer is None else last_layer
         if not 0 <= n <= n_built:
             raise ValueError(f"last_layer={last_layer}, but this model has {n_built} blocks loaded")
         past = 0 if cache is None else cache[0].length
-        if key_mask is None and cache is None:
+        if isinstance(key_mask, Packed):
+            positions, mask = packed_positions(key_mask, x.device), key_mask
+        elif key_mask is None and cache is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
             window = self.args.sliding_window
             mask = None if window is None or window >= T else attention_mask(

@@ -94,12 +94,17 @@ class TrainConfig:
     xstest_holdout: float = opt(0.0, "share of XSTest prompts kept out of the retain set, chosen by their "
                                      "text (data.xstest_held_out); eval.py xstest --xstest-holdout with the "
                                      "same share measures over-refusal on exactly them (0: none, official)")
-    bucket: int = opt(8, "sort rows by length within windows of this many batches, so a batch pads "
-                         "little (0: off)")
+    pack: bool = opt(True, "run each set's rows of a step packed in one sequence, each row as if alone, "
+                           "no padding (--no-pack: pad each row to the batch's longest)")
+    bucket: int = opt(0, "sort rows by length within windows of this many batches (0: off, random batches as "
+                         "officially; on, short rows weigh more in the rerouting term's token mean)")
     # --- speed and memory
     dtype: str = opt("auto", "base weights (auto: bf16 on CUDA, fp32 on CPU)", ("auto", "bf16", "fp32"))
     grad_ckpt: bool | None = opt(None, "gradient checkpointing per block (default: on for CUDA)")
-    compile: bool = opt(False, "torch.compile each block")
+    compile: bool | None = opt(None, "torch.compile each block (default: on for CUDA; a block that fails to "
+                                     "compile runs eagerly)")
+    micro_batch: int = opt(0, "examples of each set per forward and backward, gradients accumulated over the "
+                              "step's batch with the whole batch's normalisation (0: the whole batch at once)")
     # --- bookkeeping
     log_every: int = opt(1, "steps between log lines")
     val_every: int = opt(25, "steps between validation cos-sims (0: never)")
@@ -140,14 +145,17 @@ HUB_IDS = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistrala
            "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Check every value (check_values), then fill the defaults that depend on other fields."""
-    check_values(cfg)
+def resolve(cfg: TrainConfig, device_present: bool = True) -> TrainConfig:
+    """Check every value (check_values), then fill the defaults that depend on other fields.
+    device_present=False: the device need not be on this machine (counting FLOPs for it)."""
+    check_values(cfg, device_present)
     cfg.out = cfg.out or f"out/{cfg.model}"
     if not cfg.lora_layers:
         cfg.lora_layers = tuple(range(max(cfg.target_layers) + 1))
     if cfg.grad_ckpt is None:
         cfg.grad_ckpt = cfg.device.startswith("cuda")
+    if cfg.compile is None:
+        cfg.compile = cfg.device.startswith("cuda")
     if cfg.dtype == "auto":
         cfg.dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
     return cfg
@@ -163,7 +171,7 @@ POSITIVE = (lambda v: 0 < v < math.inf, "a positive finite number")  # NaN fails
 LIMITS = {
     "threads": NOT_NEGATIVE, "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lora_r": AT_LEAST_1,
     "log_every": AT_LEAST_1, "val_batches": AT_LEAST_1, "val_every": NOT_NEGATIVE, "ckpt_every": NOT_NEGATIVE,
-    "n_ultrachat": NOT_NEGATIVE, "xstest_repeat": NOT_NEGATIVE, "bucket": NOT_NEGATIVE,
+    "n_ultrachat": NOT_NEGATIVE, "xstest_repeat": NOT_NEGATIVE, "bucket": NOT_NEGATIVE, "micro_batch": NOT_NEGATIVE,
     "lr": (lambda v: 0 < v <= MAX_LR, f"a learning rate in (0, {MAX_LR:g}]"),
     "lora_alpha": POSITIVE, "loss_alpha": POSITIVE, "grad_clip": POSITIVE,
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
@@ -174,7 +182,7 @@ LIMITS = {
 }
 
 
-def check_values(cfg: TrainConfig):
+def check_values(cfg: TrainConfig, device_present: bool = True):
     """Refuse a value no run can use, naming the flag. What depends on the model (its depth, its
     vocabulary) is checked against its config.json later, still before anything is loaded or written."""
     for f in fields(cfg):
@@ -188,10 +196,13 @@ def check_values(cfg: TrainConfig):
                          "from 1 (0 is the embeddings, which LoRA cannot move), comma-separated")
     if cfg.lora_layers and min(cfg.lora_layers) < 0:
         raise ValueError(f"{flag('lora_layers')} {_show(cfg.lora_layers)}: expected block indices from 0")
+    if cfg.micro_batch > cfg.batch_size:
+        raise ValueError(f"--micro-batch {cfg.micro_batch}: expected at most --batch-size ({cfg.batch_size})")
     unknown = [t for t in cfg.lora_targets if t not in TARGETS]
     if not cfg.lora_targets or unknown:
         raise ValueError(f"{flag('lora_targets')} {_show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")
-    check_device(cfg.device)
+    if device_present:
+        check_device(cfg.device)
 
 
 def check_device(device: str):
@@ -269,8 +280,12 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
                layers=cfg.lora_layers, b_std=cfg.lora_init_std)
     model.gradient_checkpointing = cfg.grad_ckpt
     if cfg.compile:
+        # Where compiling fails (no compiler, an unsupported op), the block runs eagerly: slower, same result.
+        torch._dynamo.config.suppress_errors = True
         for block in model.model.layers:
-            block.compile(dynamic=True)  # lengths vary from batch to batch
+            # Lengths vary from batch to batch: dynamic shapes. Packed rows compile once per row count
+            # (the batch's rows, with or without a padding tail), not once per step.
+            block.compile(dynamic=True)
     return model
 
 
@@ -289,7 +304,8 @@ def load_data(cfg: TrainConfig, tokenizer):
 def train_batches(cfg: TrainConfig, cb, retain, pad_id: int, start: int = 0):
     """The training batches, from step start + 1 on. The sequence depends only on the seed, so
     resuming replays it up to where the checkpoint stopped."""
-    stream = data.batches(cb, retain, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, bucket=cfg.bucket)
+    stream = data.batches(cb, retain, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, pack=cfg.pack,
+                          bucket=cfg.bucket)
     return itertools.islice(stream, start, None)
 
 
@@ -304,10 +320,13 @@ def val_batches(cfg: TrainConfig, val, pad_id: int):
 # -----------------------------------------------------------------------------
 # 4. The loss of one step
 #
-# Batches are right-padded (data.py), so every real token sits before all padding and causal attention
-# alone keeps it from seeing pads: the forward passes need no attention mask, which lets SDPA use its
-# fused kernels. Pad positions get states too, but the masks keep them out of every loss. Batches padded
-# otherwise (the official layout, which bench.py reproduces) pass their masks.
+# Batches are packed (data.py): each set's rows one after another in one sequence, each run as if alone
+# (model.py, "Packed rows"), so no row is padded and no attention mask is needed. With --no-pack they are
+# right-padded, so every real token sits before all padding and causal attention alone keeps it from
+# seeing pads: those passes need no attention mask either, which lets SDPA use its fused kernels. Pad
+# positions get states too, but the masks keep them out of every loss. Batches padded otherwise (the
+# official layout, which bench.py reproduces) pass their masks. Every term is a mean over tokens (or, the
+# official retain term, over rows x padded length), so the layout changes no loss value.
 
 
 def rerouting_term(cfg: TrainConfig, model, tokenizer):
@@ -315,37 +334,78 @@ def rerouting_term(cfg: TrainConfig, model, tokenizer):
     return losses.LOSSES[cfg.loss].build(losses.LossContext(model, tokenizer, cfg))
 
 
-def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting):
-    """The circuit-breaker objective for one batch -> (loss, metrics). See losses.py for the math."""
+def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
+    """The circuit-breaker objective for one batch -> (loss, metrics). See losses.py for the math.
+
+    whole: the step's whole batch when `batch` is one of its micro-batches (--micro-batch). Each mean is
+    then weighted by this piece's share of the whole batch's tokens (rows, for the official retain term),
+    so that the pieces' losses, gradients and metrics add up to the whole batch's."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
-    cb_attn = None if right_padded(batch.cb_mask) else batch.cb_mask
-    retain_attn = None if right_padded(batch.retain_mask) else batch.retain_mask
+    cb_share = 1.0 if whole is None else share(batch.cb_loss_mask, whole.cb_loss_mask)
+    retain_share = 1.0 if whole is None else share(batch.retain_mask, whole.retain_mask)
+    cb_attn = None if batch.cb_lengths or right_padded(batch.cb_mask) else batch.cb_mask
+    retain_attn = None if batch.retain_lengths or right_padded(batch.retain_mask) else batch.retain_mask
+    cb_run = dict(attn=cb_attn, lengths=batch.cb_lengths)
+    retain_run = dict(attn=retain_attn, lengths=batch.retain_lengths)
 
     # (a) where the frozen model's states are: the same weights, adapters off, no graph kept
     with torch.no_grad(), lora_disabled(model):
-        cb_orig = cb_states(model, batch.cb_tokens, cb_attn, cfg)
-        retain_orig = retain_states(model, batch.retain_tokens, retain_attn)
+        cb_orig = cb_states(model, batch.cb_tokens, cfg, **cb_run)
+        retain_orig = retain_states(model, batch.retain_tokens, **retain_run)
 
     # (b) where the LoRA model's states are, with gradients
-    cb_new = cb_states(model, batch.cb_tokens, cb_attn, cfg)
-    retain_new = retain_states(model, batch.retain_tokens, retain_attn)
+    cb_new = cb_states(model, batch.cb_tokens, cfg, **cb_run)
+    retain_new = retain_states(model, batch.retain_tokens, **retain_run)
 
     # (c) the two terms, weighted by the schedule
-    cb_loss = rerouting(cb_new, cb_orig, batch.cb_loss_mask)
+    cb_loss = rerouting(cb_new, cb_orig, batch.cb_loss_mask) * cb_share
     if cfg.retain_norm == "official":
+        # Rows, not tokens: a padded whole batch's rows are its examples; packed or in pieces, say how many.
+        n_rows = None if whole is None and batch.retain_lengths is None else (whole or batch).size
         retain_loss = losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
-                                                  pad_to=cfg.retain_pad_to)
+                                                  pad_to=cfg.retain_pad_to, n_rows=n_rows)
     else:
-        retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask)
+        retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask) * retain_share
     loss = cb_coeff * cb_loss + retain_coeff * retain_loss
 
+    # Metrics stay on the device (0-d tensors), read all at once after the step's backward (on_host).
     at_targets = lambda states: [states[l] for l in cfg.target_layers]  # noqa: E731
-    metrics = dict(loss=loss.item(), cb_loss=cb_loss.item(), retain_loss=retain_loss.item(),
-                   cb_coeff=cb_coeff, retain_coeff=retain_coeff,
-                   cb_cos=losses.cosine_metric(cb_new, cb_orig, batch.cb_loss_mask),
-                   retain_cos=losses.cosine_metric(at_targets(retain_new), at_targets(retain_orig),
-                                                   batch.retain_mask))
+    cb_cos = losses.cosine_mean(cb_new, cb_orig, batch.cb_loss_mask)
+    retain_cos = losses.cosine_mean(at_targets(retain_new), at_targets(retain_orig), batch.retain_mask)
+    metrics = dict(loss=loss.detach(), cb_loss=cb_loss.detach(), retain_loss=retain_loss.detach(),
+                   cb_coeff=cb_coeff, retain_coeff=retain_coeff, cb_cos=cb_cos * cb_share,
+                   retain_cos=retain_cos * retain_share)
     return loss, metrics
+
+
+def share(part, whole):
+    """The fraction of `whole`'s ones (a mask) that `part` holds: a micro-batch's weight in a token mean."""
+    return part.sum() / whole.sum().clamp_min(1)
+
+
+def step_gradients(model, batch, step: int, cfg: TrainConfig, rerouting, autocast) -> dict:
+    """Backward of the step's loss into the LoRA weights' .grad, over pieces of --micro-batch examples
+    (one piece without it) -> the step's metrics, as floats. The forward runs under `autocast`, the
+    backward outside it (as torch recommends). The metrics are read in one host synchronisation at the
+    end, so that the GPU never waits for the host within a step; the caller checks the loss before it
+    updates any weight."""
+    pieces = batch.split(cfg.micro_batch) if cfg.micro_batch else [batch]
+    whole = batch if len(pieces) > 1 else None
+    total = {}
+    for piece in pieces:
+        with autocast:
+            loss, m = step_loss(model, piece, step, cfg, rerouting, whole)
+        loss.backward()
+        for key, value in m.items():
+            total[key] = value if key.endswith("coeff") else total.get(key, 0.0) + value
+    return on_host(total)
+
+
+def on_host(metrics: dict) -> dict:
+    """The metrics that are tensors (0-d, on the device) as floats, in one host synchronisation."""
+    measured = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([metrics[k].float() for k in measured]).tolist() if measured else []
+    return {**metrics, **dict(zip(measured, values))}
 
 
 def right_padded(mask) -> bool:
@@ -353,17 +413,17 @@ def right_padded(mask) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def cb_states(model, tokens, attn, cfg: TrainConfig):
+def cb_states(model, tokens, cfg: TrainConfig, attn=None, lengths=None):
     """The residual stream at the target layers; no block past the deepest one runs."""
-    _, hiddens = model(tokens, attn, last_layer=max(cfg.target_layers))
+    _, hiddens = model(tokens, attn, lengths=lengths, last_layer=max(cfg.target_layers))
     return [hiddens[l] for l in cfg.target_layers]
 
 
-def retain_states(model, tokens, attn):
+def retain_states(model, tokens, attn=None, lengths=None):
     """Every hidden state of the loaded model, the last one through the final norm: the states the
     official retain term reads (HF's output_hidden_states normalises its last entry). --retain-norm
     changes only how the distances are averaged, not which states are compared."""
-    _, hiddens = model(tokens, attn)
+    _, hiddens = model(tokens, attn, lengths=lengths)
     return losses.official_retain_states(hiddens, model.model.norm)
 
 
@@ -374,8 +434,8 @@ def validate(model, val_batches, cfg: TrainConfig) -> float:
     sims = []
     for tokens, mask in val_batches:
         with lora_disabled(model):
-            orig = cb_states(model, tokens, None, cfg)
-        sims.append(losses.cosine_metric(cb_states(model, tokens, None, cfg), orig, mask))
+            orig = cb_states(model, tokens, cfg)
+        sims.append(losses.cosine_metric(cb_states(model, tokens, cfg), orig, mask))
     return sum(sims) / max(len(sims), 1)
 
 
@@ -392,7 +452,7 @@ def weights_sound(model, params, batch, cfg: TrainConfig) -> bool:
     eval mode: no dropout, so the random stream, and the run, stay as they were. One host sync."""
     model.eval()
     with autocast_for(cfg):
-        _, hiddens = model(batch.cb_tokens, batch.cb_mask)
+        _, hiddens = model(batch.cb_tokens, None if batch.cb_lengths else batch.cb_mask, lengths=batch.cb_lengths)
     finite = [torch.isfinite(hiddens[-1]).all()] + [torch.isfinite(p).all() for p in params]
     return bool(torch.stack(finite).all())
 
@@ -434,18 +494,17 @@ def train(cfg: TrainConfig):
     batches = train_batches(cfg, cb, retain, tokenizer.pad_id, start)
     for step, batch in zip(range(start + 1, cfg.steps + 1), batches):
         t0 = time.perf_counter()
+        n_tokens = int(batch.cb_mask.sum() + batch.retain_mask.sum())  # on the CPU, before the batch moves
         batch = batch.to(cfg.device)
         model.train()
-        with autocast:
-            loss, m = step_loss(model, batch, step, cfg, rerouting)
+        m = step_gradients(model, batch, step, cfg, rerouting, autocast)
         if not math.isfinite(m["loss"]):
             raise diverged(step, f"loss is {m['loss']}", last_good)
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        m.update(step=step, tokens=int(batch.cb_mask.sum() + batch.retain_mask.sum()),
+        m.update(step=step, tokens=n_tokens,
                  step_time_s=time.perf_counter() - t0, peak_mem_mb=peak_memory_mb(cfg.device))
         if cfg.val_every and step % cfg.val_every == 0:
             model.eval()

@@ -183,6 +183,9 @@ CASES = {
     "n ultrachat -1": flags("--n-ultrachat", "-1", says=r"--n-ultrachat -1: expected 0 or more"),
     "xstest repeat -1": flags("--xstest-repeat", "-1", says=r"--xstest-repeat -1: expected 0 or more"),
     "bucket -1": flags("--bucket", "-1", says=r"--bucket -1: expected 0 or more"),
+    "micro batch -1": flags("--micro-batch", "-1", says=r"--micro-batch -1: expected 0 or more"),
+    "micro batch over the batch": flags("--micro-batch", "32", says=r"--micro-batch 32: expected at most "
+                                                                     r"--batch-size \(4\)"),
     "lora targets": flags("--lora-targets", "q_proj,bogus", says=r"--lora-targets 'q_proj,bogus': expected some of"),
     # layers
     "target layers -1": flags("--target-layers", "-1", says=r"--target-layers '-1': expected hidden-state indices"),

@@ -1,5 +1,6 @@
 """bench.py in its smallest configuration: it runs and prints its record; flops.py counts FLOPs as torch does."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import data
 import flops
+import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,43 @@ def test_smoke_prints_and_writes_its_record(tmp_path):
     assert record["speedup"] > 0 and record["flops_ratio"] > 1
 
 
+def test_profile_lists_the_top_operators_instead_of_timing():
+    done = run_bench("--steps", "2", "--profile")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    p = record["profile"]
+    assert p["steps"] == 2 and p["wall_s"] > 0 and p["device_busy"] is None  # busy share: GPU only
+    assert 0 < len(p["top"]) <= 15 and any(r["name"] == "aten::mm" for r in p["top"])
+    assert p["top"] == sorted(p["top"], key=lambda r: r["self_ms"], reverse=True)
+    assert "speedup" not in record and record["flops_ratio"] > 1  # nothing timed; FLOPs still counted
+
+
+def test_hf_peft_mode_times_the_official_step_on_the_same_examples():
+    pytest.importorskip("peft")
+    done = run_bench("--steps", "2", "--bucket", "2", "--hf")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert len(record["hf_peft"]["step_s"]) == 2 and record["speedup_hf_peft"] > 0
+    assert record["hf_peft"]["tokens_real"] == record["ours"]["tokens_real"]
+    assert record["hf_peft"]["tokens_padded"] == record["reference"]["tokens_padded"]  # the official layout
+
+
+def test_official_step_on_peft_starts_at_the_rerouting_coefficient():
+    """PEFT starts B at zero, so the LoRA states are the frozen ones: every masked cosine is 1 and every
+    retain distance 0, and the official loss is exactly the rerouting coefficient."""
+    pytest.importorskip("peft")
+    import hf_reference
+    cfg, args = bench.config_from_args(bench.parse_args(["--shape", "tiny", "--device", "cpu"])), bench.SHAPES["tiny"]
+    cb, retain = bench.synthetic_examples(cfg, 2, args.vocab_size, seed=0)
+    batch = next(data.batches(cb, retain, 2, pad_id=0, pad_to=data.OFFICIAL_LENGTHS))
+    V = args.vocab_size
+    batch = batch._replace(cb_tokens=batch.cb_tokens % V, retain_tokens=batch.retain_tokens % V)
+    model = hf_reference.hf_model(args, dataclasses.replace(cfg, lora_dropout=0.0))
+    loss = hf_reference.official_loss(model, batch, 1, cfg)
+    cb_coeff, _ = losses.coefficients(1, cfg.steps, cfg.loss_alpha)
+    assert loss.item() == pytest.approx(cb_coeff, rel=1e-5)
+
+
 def test_steps_must_cover_whole_bucket_windows():
     done = run_bench("--steps", "3", "--bucket", "2")
     assert done.returncode != 0 and done.stdout == ""
@@ -69,8 +108,8 @@ def test_out_is_replaced_whole_and_survives_a_failed_run(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temporary file left beside it
 
 
-@pytest.mark.parametrize("official,ckpt", [(False, False), (True, True)])
-def test_flop_count_matches_torch_flop_counter(official, ckpt):
+@pytest.mark.parametrize("official,ckpt,packed", [(False, False, False), (True, True, False), (False, True, True)])
+def test_flop_count_matches_torch_flop_counter(official, ckpt, packed):
     """Every matmul of a real step (torch counts aten.mm; CPU attention kernels it does not count) against
     the formula without its attention part. The formula ignores that block 0's q/k/v projections need no
     input gradient and that checkpointing does not recompute a block's last matmul: within 3% here,
@@ -78,11 +117,19 @@ def test_flop_count_matches_torch_flop_counter(official, ckpt):
     flags = ["--shape", "tiny", "--device", "cpu", "--batch-size", "2", "--grad-ckpt" if ckpt else "--no-grad-ckpt"]
     cfg, args = bench.config_from_args(bench.parse_args(flags)), bench.SHAPES["tiny"]
     torch.manual_seed(0)
-    cb, retain = torch.randint(args.vocab_size, (2, 48)), torch.randint(args.vocab_size, (2, 32))
-    batch = data.Batch(cb, torch.ones_like(cb), retain, torch.ones_like(retain), torch.ones_like(cb))
+    if packed:  # two rows of each set one after another, then a padding tail
+        cb, retain = torch.randint(args.vocab_size, (1, 96)), torch.randint(args.vocab_size, (1, 64))
+        batch = data.Batch(cb, torch.ones_like(cb), retain, torch.ones_like(retain), torch.ones_like(cb),
+                           cb_lengths=(40, 48), retain_lengths=(30, 32))
+    else:
+        cb, retain = torch.randint(args.vocab_size, (2, 48)), torch.randint(args.vocab_size, (2, 32))
+        batch = data.Batch(cb, torch.ones_like(cb), retain, torch.ones_like(retain), torch.ones_like(cb))
     runner = bench.Runner(bench.Mode("ours", cfg, official, autocast=False, batches=[batch]), args)
     with FlopCounterMode(display=False) as counter:
         runner.step(1, batch)
     parts = flops.step_flops(args, cfg, batch, official)
     assert (parts["head"] > 0) == official
+    # attention is counted row by row: packed rows and their tail, or the padded rows
+    assert flops.rows_run(batch.cb_tokens, batch.cb_lengths) == ([40, 48, 8] if packed else [48, 48])
+    assert flops.rows_run(batch.retain_tokens, batch.retain_lengths) == ([30, 32, 2] if packed else [32, 32])
     assert counter.get_total_flops() == pytest.approx(parts["linear"] + parts["lora"] + parts["head"], rel=0.03)

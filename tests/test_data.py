@@ -367,7 +367,7 @@ def test_batches_response_loss_mask_and_determinism():
     b = next(data.batches(cb, cb, 4, pad_id=7))
     assert b.cb_loss_mask[0].tolist() == [0, 0, 0, 1, 1]
     one = [next(data.batches([example(1, k) for k in range(1, 20)], cb * 5, 4, pad_id=0, seed=3)) for _ in range(2)]
-    assert all(torch.equal(x, y) for x, y in zip(*one))
+    assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(*one))
 
 
 def test_bucketing_reduces_padding():
@@ -382,6 +382,45 @@ def test_bucketing_reduces_padding():
     assert padding(bucket=16) < padding(bucket=0) / 4
     longest = [b.cb_tokens.shape[1] for b, _ in zip(data.batches(cb, cb, 8, pad_id=0, bucket=16), range(16))]
     assert longest != sorted(longest)       # the batches of a window come in random order, not short to long
+
+
+def test_packed_batches_hold_the_same_rows_one_after_another():
+    cb = [example(3, k, "response") for k in range(1, 9)]
+    retain = [example(2, 2 * k) for k in range(1, 9)]
+    padded = data.batches(cb, retain, 4, pad_id=0, seed=5)
+    packed = data.batches(cb, retain, 4, pad_id=0, seed=5, pack=True)
+    for _ in range(3):  # into a second epoch: the same random draws either way
+        a, b = next(padded), next(packed)
+        for tokens, mask, loss_mask, lengths in ((a.cb_tokens, a.cb_mask, a.cb_loss_mask, b.cb_lengths),
+                                                 (a.retain_tokens, a.retain_mask, a.retain_mask, b.retain_lengths)):
+            assert list(lengths) == mask.sum(1).tolist()
+        for name in ("cb_tokens", "cb_mask", "cb_loss_mask", "retain_tokens", "retain_mask"):
+            rows, flat = getattr(a, name), getattr(b, name)
+            mask = a.cb_mask if name.startswith("cb") else a.retain_mask
+            real = rows[mask.bool()]  # the rows' real tokens, in order
+            assert flat.shape == (1, -(-len(real) // data.PACK_MULTIPLE) * data.PACK_MULTIPLE)
+            assert flat[0, :len(real)].tolist() == real.tolist()
+            assert not flat[0, len(real):].any()  # the tail: pad id 0, mask 0
+        assert b.size == a.size == 4
+
+
+def test_split_cuts_rows_in_order_in_both_layouts():
+    cb = [example(3, k) for k in range(1, 9)]
+    for pack in (False, True):
+        batch = next(data.batches(cb, cb, 5, pad_id=0, pack=pack))
+        pieces = batch.split(2)
+        assert [p.size for p in pieces] == [2, 2, 1]
+        for name in ("cb_tokens", "cb_mask", "retain_tokens", "retain_mask", "cb_loss_mask"):
+            joined = torch.cat([getattr(p, name) for p in pieces], dim=1 if pack else 0)
+            assert torch.equal(joined, getattr(batch, name))
+        if pack:
+            assert sum((p.cb_lengths for p in pieces), ()) == batch.cb_lengths
+            assert [p.cb_tokens.shape[1] for p in pieces[:2]] == [sum(p.cb_lengths) for p in pieces[:2]]
+
+
+def test_pack_and_official_padding_exclude_each_other():
+    with pytest.raises(ValueError, match="pack and pad_to exclude each other"):
+        next(data.batches([example(1, 1)] * 2, [example(1, 1)] * 2, 2, pad_id=0, pack=True, pad_to=OFFICIAL_LENGTHS))
 
 
 def test_official_padding_layout():

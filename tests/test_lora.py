@@ -159,3 +159,53 @@ def test_b_std_starts_b_as_noise_and_zero_keeps_the_default_draws():
     assert torch.equal(torch.rand(1), after_plain)  # no extra random draw: other runs keep their numerics
     noisy = LoRALinear(nn.Linear(64, 32, bias=False), r=8, alpha=8, dropout=0.0, b_std=0.05)
     assert 0.03 < noisy.lora_B.weight.std().item() < 0.07
+
+
+def test_under_autocast_the_update_runs_in_bf16_on_fp32_master_weights():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    layer = lora.LoRALinear(base, r=8, alpha=16, dropout=0.0, b_std=0.1)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert layer.lora_A.weight.dtype == layer.lora_A.weight.grad.dtype == torch.float32  # fp32 masters
+    # the update as bf16 matmuls of the bf16 input and the rounded master weights
+    A, B = layer.lora_A.weight.bfloat16(), layer.lora_B.weight.bfloat16()
+    expected = x @ base.weight.T + (layer.scale * ((x @ A.T) @ B.T)).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # outside autocast: fp32 update, as before
+        exact = x @ base.weight.T + (x.float() @ layer.delta().T).to(torch.bfloat16)  # delta: scale * B A
+        torch.testing.assert_close(layer(x), exact, atol=2e-2, rtol=2e-2)
+
+
+def projections(dropout: float, b_std: float = 0.1):
+    """q, k, v LoRA layers of one input width, B off zero so that every update shows."""
+    torch.manual_seed(0)
+    return [lora.LoRALinear(torch.nn.Linear(32, out, bias=False), r=4, alpha=8, dropout=dropout, b_std=b_std)
+            for out in (32, 16, 16)]
+
+
+def test_projections_together_equal_one_at_a_time():
+    layers, x = projections(dropout=0.0), torch.randn(2, 5, 32)
+    together = lora.LoRALinear.project_together(x, layers)
+    for y, layer in zip(together, layers, strict=True):
+        torch.testing.assert_close(y, layer(x), atol=1e-6, rtol=1e-6)
+    for layer in layers:
+        layer.disabled = True
+    for y, layer in zip(lora.LoRALinear.project_together(x, layers), layers, strict=True):
+        torch.testing.assert_close(y, x @ layer.weight.T, atol=0, rtol=0)  # disabled: the base exactly
+    mixed = [layers[0], torch.nn.Linear(32, 16, bias=False)]  # no LoRA on one: each on its own
+    assert [y.shape[-1] for y in lora.LoRALinear.project_together(x, mixed)] == [32, 16]
+
+
+def test_projections_together_share_one_dropout_mask():
+    layers, x = projections(dropout=0.5), torch.randn(2, 5, 32)
+    torch.manual_seed(7)
+    together = lora.LoRALinear.project_together(x, layers)
+    torch.manual_seed(7)
+    dropped = layers[0].lora_dropout(x)  # the one draw the fused path makes
+    for y, layer in zip(together, layers, strict=True):
+        expected = x @ layer.weight.T + layer.scale * layer.lora_B(layer.lora_A(dropped))
+        torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-6)

@@ -116,6 +116,36 @@ def test_padding_changes_nothing_at_real_tokens(pair, side):
     assert torch.isfinite(plog).all()  # padding queries are harmless, not NaN
 
 
+def test_packed_rows_equal_each_row_run_alone(pair):
+    """Rows packed one after another, with a tail of padding: each row's logits and states are those it
+    has alone (positions restart, no row sees another; Mistral's window of 5 holds within rows of up to 9)."""
+    _, _, ours, _ = pair
+    lengths = (5, 9, 1, 7)
+    rows = [torch.randint(3, 101, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    packed = torch.cat([*rows, torch.zeros(1, 4, dtype=torch.long)], 1)  # (1, 26): 22 real + 4 padding
+    with torch.no_grad():
+        logits, hiddens = ours(packed, lengths=lengths)
+        start = 0
+        for row in rows:
+            alone_logits, alone = ours(row)
+            real = slice(start, start + row.shape[1])
+            torch.testing.assert_close(logits[:, real], alone_logits, atol=1e-5, rtol=0)
+            for h, a in zip(hiddens, alone, strict=True):
+                torch.testing.assert_close(h[:, real], a, atol=1e-5, rtol=0)
+            start += row.shape[1]
+    assert torch.isfinite(logits).all()  # the padding tail runs as a row of its own
+
+
+def test_packed_rows_refuse_a_batch_a_mask_or_lengths_past_the_sequence(pair):
+    _, _, ours, _ = pair
+    with pytest.raises(ValueError, match="packed rows .* run as one sequence"):
+        ours(tokens(B=2), lengths=(4, 4))
+    with pytest.raises(ValueError, match="packed rows .* no attention_mask"):
+        ours(tokens(B=1), torch.ones(1, T), lengths=(4, 4))
+    with pytest.raises(ValueError, match=f"together at most T = {T}"):
+        ours(tokens(B=1), lengths=(T, 1))
+
+
 def test_greedy_generate_equals_hf(pair):
     _, hf, ours, _ = pair
     prompts = [[1, 5, 7, 9, 11, 13], [1, 40, 41]]

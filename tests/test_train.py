@@ -169,6 +169,24 @@ def test_variants_run(world, tmp_path, extra):
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
 
+def test_packing_and_micro_batches_change_no_result(world, tmp_path):
+    """Three runs of the real loop: packed (the default), padded (--no-pack), and packed in micro-batches
+    of 3 (pieces of 3 and 1): the same metrics and adapters. No dropout: its masks follow the layout."""
+    same = ("--lora-dropout", "0", "--lora-init-std", "0.05", *FAST)
+    results = []
+    for name, extra in (("packed", ()), ("padded", ("--no-pack",)), ("micro", ("--micro-batch", "3"))):
+        _, out = run(world, tmp_path / name, *same, *extra)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        results.append((rows, adapter_tensors(out)))
+    (packed_rows, packed), others = results[0], results[1:]
+    for rows, adapter in others:
+        for a, b in zip(packed_rows, rows, strict=True):
+            for key in ("loss", "cb_loss", "retain_loss", "cb_cos", "retain_cos"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        for k in packed:
+            torch.testing.assert_close(adapter[k], packed[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
 def test_direction_loss_reads_a_direction_file(world, tmp_path):
     from safetensors.torch import save_file
     directions = {f"layer.{l}": torch.randn(32) for l in range(23)}
@@ -193,10 +211,10 @@ def killed_at(step, world, tmp_path, monkeypatch, *extra):
     """Run until step `step` starts, then stop as if the job were killed."""
     real_step = train.step_loss
 
-    def killed(model, batch, s, cfg, target):
+    def killed(model, batch, s, cfg, target, whole=None):
         if s == step:
             raise KeyboardInterrupt
-        return real_step(model, batch, s, cfg, target)
+        return real_step(model, batch, s, cfg, target, whole)
 
     monkeypatch.setattr(train, "step_loss", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -321,8 +339,8 @@ def test_missing_data_file_names_file_and_data_dir(world, tmp_path):
 def test_nan_loss_stops_with_step_and_last_checkpoint(world, tmp_path, monkeypatch):
     real_step = train.step_loss
 
-    def nan_at_step_3(model, batch, step, cfg, target):
-        loss, m = real_step(model, batch, step, cfg, target)
+    def nan_at_step_3(model, batch, step, cfg, target, whole=None):
+        loss, m = real_step(model, batch, step, cfg, target, whole)
         if step == 3:
             m["loss"] = float("nan")
         return loss, m

@@ -1,0 +1,93 @@
+"""Packed rows and micro-batches change how a step runs, not what it computes: the same losses, metrics
+and LoRA gradients as the padded whole batch, in fp32 on a tiny random model."""
+
+import random
+
+import pytest
+import torch
+
+import data
+import losses
+import train
+from model import ModelArgs, Transformer
+
+ARGS = ModelArgs(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=97)
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def config(**overrides) -> train.TrainConfig:
+    """The real preset, shrunk: target layers 2 and 4, no dropout (its masks would differ between layouts),
+    LoRA's B started off zero so that every gradient is non-zero."""
+    settings = dict(model="llama3", device="cpu", target_layers=(2, 4), batch_size=4, steps=10, lora_dropout=0.0,
+                    lora_init_std=0.05, retain_pad_to=64)
+    return train.resolve(train.TrainConfig(**{**settings, **overrides}))
+
+
+def model_for(cfg: train.TrainConfig, args: ModelArgs = ARGS) -> Transformer:
+    torch.manual_seed(0)
+    return train.prepare_model(Transformer(args, train.n_blocks_needed(cfg), lm_head=False), cfg)
+
+
+def examples(n=12, seed=0) -> list[data.Example]:
+    """Rows of 3 to 40 tokens, some with a request the loss does not see (loss_on response)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        n_request, n_response = rng.randint(1, 10), rng.randint(2, 30)
+        tokens = [rng.randrange(1, ARGS.vocab_size) for _ in range(n_request + n_response)]
+        rows.append(data.Example(tokens, n_request, [rng.randint(0, 1)] * n_request + [1] * n_response))
+    return rows
+
+
+def batch(pack: bool, batch_size: int = 4) -> data.Batch:
+    return next(data.batches(examples(), examples(seed=1), batch_size, pad_id=0, seed=3, pack=pack))
+
+
+def gradients_and_metrics(cfg, b, args: ModelArgs = ARGS):
+    model = model_for(cfg, args)
+    model.train()
+    m = train.step_gradients(model, b, 3, cfg, losses.rerouting_loss, torch.autocast("cpu", enabled=False))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())  # every LoRA weight gets a gradient
+    return grads, m
+
+
+def assert_same(a, b):
+    (grads_a, m_a), (grads_b, m_b) = a, b
+    assert m_a.keys() == m_b.keys()
+    for key in m_a:
+        assert m_a[key] == pytest.approx(m_b[key], rel=1e-5, abs=1e-6), key
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("retain_norm", ["official", "masked"])
+def test_packed_rows_give_the_padded_losses_and_gradients(retain_norm):
+    cfg = config(retain_norm=retain_norm)
+    padded, packed = batch(pack=False), batch(pack=True)
+    assert packed.cb_tokens.shape[0] == 1 and padded.cb_tokens.shape[0] == 4
+    assert_same(gradients_and_metrics(cfg, padded), gradients_and_metrics(cfg, packed))
+
+
+def test_packed_rows_with_a_sliding_window_and_checkpointing():
+    """Mistral's window, shorter than most rows, holds inside each packed row; checkpointing recomputes
+    packed blocks exactly."""
+    cfg, window = config(grad_ckpt=True), ARGS.__class__(**{**ARGS.__dict__, "sliding_window": 6})
+    padded, packed = (gradients_and_metrics(cfg, batch(pack), window) for pack in (False, True))
+    assert_same(padded, packed)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("retain_norm", ["official", "masked"])
+def test_micro_batches_give_the_whole_batch_gradients(pack, retain_norm):
+    whole = gradients_and_metrics(config(retain_norm=retain_norm, batch_size=5), batch(pack, 5))
+    for size in (1, 2):  # 5 rows: five pieces of one; pieces of 2, 2 and 1
+        pieces = gradients_and_metrics(config(retain_norm=retain_norm, batch_size=5, micro_batch=size), batch(pack, 5))
+        assert_same(whole, pieces)
+
+
+def test_micro_batch_larger_than_the_batch_is_refused():
+    with pytest.raises(ValueError, match=r"--micro-batch 8: expected at most --batch-size \(4\)"):
+        config(micro_batch=8)
+    with pytest.raises(ValueError, match="--micro-batch -1: expected 0 or more"):
+        config(micro_batch=-1)
