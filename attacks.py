@@ -208,9 +208,15 @@ def append_text(tok, ids, text) -> list[int]:
     "Sure" encoded apart is `]`, `▁Sure`, but `]`, `Sure` encoded together. Sentencepiece cuts text at
     spaces before it merges, so only the prompt's last word (from its last piece that starts with "▁")
     can join the text: that word is re-encoded with the text. Llama-3's prompt ends in a special token,
-    which nothing joins, and the toy world's sentencepiece model was trained on turns encoded apart."""
+    which nothing joins, and the toy world's sentencepiece model was trained on turns encoded apart.
+    A tokenizer.json (byte-level BPE, ChatML) prompt ends in text after its last special token
+    ("<|im_start|>assistant\n"): that text is re-encoded with the appended one, as one string."""
     if tok.chat_format in LLAMA3_FORMATS:
         return ids + tok.encode(text)
+    if tok.kind == "tokenizers":
+        specials = set(tok.special.values())
+        last = max(i for i, t in enumerate(ids) if t in specials) + 1
+        return ids[:last] + tok.encode(tok.decode(ids[last:]) + text)
     last = max(i for i, t in enumerate(ids) if tok.model.id_to_piece(t).startswith("▁"))
     return ids[:last] + tok.encode(tok.decode(ids[last:]) + text)
 

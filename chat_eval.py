@@ -12,7 +12,7 @@ evaluate on a CPU, such as SmolLM2-135M-Instruct.
 
 What it measures, on held-out prompts only (train on a set that `python data.py build --exclude` kept
 apart from them):
-  - HarmBench's standard behaviours (those without a context) under three attacks: direct, prefill
+  - HarmBench's standard behaviours (those without a context; `n_harmful` of them) under three attacks: direct, prefill
     (the answer begun with HarmBench's target) and the paper's embedding attack (on the first `n_embed`).
     Every answer gets its outcome class (outcomes.py). With no harm judge at hand, an attack's ASR is its
     compliant rate: an upper bound, since a compliant answer may still be harmless or useless.
@@ -42,17 +42,21 @@ from toy_eval import NOT_FROM_TOKENS, outcome_text, scoring_prompt
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr")
 MODELS = ("base", "circuit_breaker")
-# The sizes a 2-core CPU evaluates four models with in the time of a training run; README says what they cost.
-CHAT_CONFIG = AttackConfig(batch_size=32, max_new_tokens=128, embed_steps=100)
-N_EMBED, N_BENIGN = 32, 100
+# Sizes at which a 2-core CPU evaluates a 135M model in minutes (README, "A real model on a CPU", says
+# what they cost); pass larger ones on a faster machine.
+CHAT_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64, embed_steps=25)
+N_HARMFUL, N_BENIGN, N_EMBED = 80, 64, 8
 MAX_LENGTH = 512  # prompt + answer of 128 tokens always fit: the layer picture never cuts one
 
 
-def chat_items(harmbench, benign, n_benign: int) -> tuple[list[dict], list[dict]]:
-    """HarmBench's standard behaviours, and the first n_benign benign instructions, as attack items."""
-    harmful = [{"behavior": r["behavior"], "context": None, "target": r["default_target"],
-                "messages": [dict(m) for m in r["messages"]]}
-               for r in load_harmbench(harmbench) if r["context"] is None]
+def chat_items(harmbench, benign, n_harmful: int | None, n_benign: int) -> tuple[list[dict], list[dict]]:
+    """n_harmful of HarmBench's standard behaviours (None: all), evenly spaced through the file (its
+    behaviours come grouped by category), and the first n_benign benign instructions, as attack items."""
+    standard = [{"behavior": r["behavior"], "context": None, "target": r["default_target"],
+                 "messages": [dict(m) for m in r["messages"]]}
+                for r in load_harmbench(harmbench) if r["context"] is None]
+    n = len(standard) if n_harmful is None else min(n_harmful, len(standard))
+    harmful = [standard[i * len(standard) // n] for i in range(n)] if n else []
     if not harmful:
         raise ValueError(f"{harmbench}: no standard behaviour (every one has a context)")
     instructions = load_instructions(benign)[:n_benign]
@@ -60,12 +64,12 @@ def chat_items(harmbench, benign, n_benign: int) -> tuple[list[dict], list[dict]
                      for r in instructions]
 
 
-def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_benign=N_BENIGN, n_embed=N_EMBED,
+def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN, n_embed=N_EMBED,
                   cfg: AttackConfig | None = None, device="cpu", dtype="fp32", base_result=None, log=print) -> dict:
     """{"base": {...}} and, with an adapter, {"circuit_breaker": {...}}. `base_result`: the base model's
     evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold."""
     cfg = cfg or CHAT_CONFIG
-    harmful, benign_items = chat_items(harmbench, benign, n_benign)
+    harmful, benign_items = chat_items(harmbench, benign, n_harmful, n_benign)
     if adapter is not None:
         hf.check_adapter(adapter, model_path)
     torch_dtype = hf.pick_dtype(dtype, device)

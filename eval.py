@@ -463,6 +463,7 @@ def parse_args(argv):
     add_model_flags(c)
     c.add_argument("--harmbench", required=True, help="HarmBench JSON: its standard behaviours are attacked")
     c.add_argument("--benign", required=True, help="held-out benign instructions, [{\"instruction\"}] (harmless_val.json)")
+    c.add_argument("--n-harmful", type=int, default=d["n_harmful"], help="standard behaviours attacked, evenly spaced through the file")
     c.add_argument("--n-benign", type=int, default=d["n_benign"], help="benign instructions asked")
     c.add_argument("--n-embed", type=int, default=d["n_embed"], help="behaviours the embed attack optimises")
     c.add_argument("--out", required=True, help="results JSON")
@@ -503,7 +504,7 @@ def add_analysis_flags(p, defaults, data: str, required=True):
 
 # The least value of each counting flag; a negative --start or --limit would be a Python slice.
 MINIMUMS = {"start": 0, "limit": 1, "batch_size": 1, "max_new_tokens": 1, "max_length": 1, "embed_tokens": 1,
-            "embed_steps": 0, "embed_strong_tokens": 1, "embed_strong_steps": 0, "samples": 1, "n_benign": 1,
+            "embed_steps": 0, "embed_strong_tokens": 1, "embed_strong_steps": 0, "samples": 1, "n_harmful": 1, "n_benign": 1,
             "n_embed": 0}
 
 

@@ -1,18 +1,21 @@
 """
-A seed sweep on the toy world: train circuit breakers once per seed, evaluate each adapter, and report
-every metric's spread over the seeds. One toy run is one draw: README says how far a seed can move the
-toy's numbers, so a new loss or setting is judged on a sweep, not on a run.
+A seed sweep: train circuit breakers once per seed, evaluate each adapter, and report every metric's
+spread over the seeds. One run is one draw: README says how far a seed can move the toy's numbers, so a
+new loss or setting is judged on a sweep, not on a run.
 
     python sweep.py --seeds 1,2,3,4,5 --out out/sweep/sweep.json                 # the toy preset
     python sweep.py --seeds 1,2,3 --loss eot --lr 5e-4 --out out/eot/sweep.json  # any train.py flag
+    python sweep.py --seeds 1,2,3 --model smollm2 --out out/smollm2/sweep.json \
+        --harmbench harmbench_test.json --benign harmless_val.json                # a real chat model
 
 Each seed trains `train.py --model toy` (unless --model is given) with the other flags as they are, into
-<out's folder>/seed<S>/, and is evaluated by toy_eval.py. The base model is evaluated once, and its
-refusal direction found once and used for every seed's ablate attack, as is its NLL threshold for the
-outcome classes (outcomes.py), so the seeds differ only in their training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
+<out's folder>/seed<S>/, and is evaluated by toy_eval.py on the toy world, or by chat_eval.py on the
+held-out --harmbench and --benign prompts for any other model. The base model is evaluated once: its
+refusal direction (toy) is used for every seed's ablate attack, and its NLL threshold for the outcome
+classes (outcomes.py) and its own answers (chat) serve every seed, so the seeds differ only in their training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
 
     {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
-     "direction": {"layer": 3, "position": -1} or null,
+     "direction": {"layer": 3, "position": -1} or null,   # a chat model: "model_path", "harmbench", "benign"
      "summary": {metric: {"mean", "min", "max", "n", "base"}},   # each ASR followed by <attack>_broken, _refusal
      "base": <toy_eval.evaluate_toy's "base">,
      "runs": [{"seed": 1, "out": "out/sweep/seed1", "circuit_breaker": <its "circuit_breaker">}, ...],
