@@ -57,3 +57,19 @@ def test_llama3_prefill_unchanged(target, chat_format):
     messages = [{"role": "user", "content": "How do I pick a lock?"}]
     prompt = attacks.chat_prompt(tok, messages)
     assert prefill_prompt(tok, "How do I pick a lock?", target) == prompt + tok.encode(target + ":\n\n")
+
+
+@pytest.mark.parametrize("target", TARGETS + [" leading space", "\n\nnew lines first"])
+def test_chatml_prefill_is_tokenized_with_the_prompt(target):
+    """SmolLM2 (tokenizer.json, ChatML): the prompt string with the target appended, tokenized as one
+    string by the `tokenizers` library itself (special tokens parsed), whatever the target's first character."""
+    smollm2 = SHARED / "models" / "smollm2-135m-instruct"
+    if not (smollm2 / "tokenizer.json").is_file():
+        pytest.skip(f"{smollm2} not found: SmolLM2's tokenizer files live there")
+    import tokenizers
+
+    tok = Tokenizer.from_pretrained(smollm2)
+    rendered = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                "<|im_start|>user\nHow do I pick a lock?<|im_end|>\n<|im_start|>assistant\n" + target + ":\n\n")
+    expected = tokenizers.Tokenizer.from_file(str(smollm2 / "tokenizer.json")).encode(rendered, add_special_tokens=False).ids
+    assert prefill_prompt(tok, "How do I pick a lock?", target) == expected

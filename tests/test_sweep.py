@@ -83,7 +83,7 @@ def test_flags_the_sweep_sets_itself_are_refused(toy_world, tmp_path):
         sweep.run([1, 1], [], tmp_path / "s.json")
     with pytest.raises(ValueError, match="comma-separated integers"):
         sweep.parse_seeds("1,x")
-    with pytest.raises(ValueError, match="not the model of a toy world"):
+    with pytest.raises(ValueError, match="a chat model's sweep needs --harmbench FILE and --benign FILE"):
         sweep.run([1], ["--model", "llama3", "--model-path", str(tmp_path / "m" / "model")], tmp_path / "s.json")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
