@@ -3,6 +3,7 @@ set (`python data.py build`), `train.py --model smollm2` trains on it for a few 
 at the deepest target layer have moved away from the base model's clearly more than benign ones.
 The full recipe and its three-seed evaluation are README's "A real model on a CPU"; this is its smoke test."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,9 +11,12 @@ import build_set
 import data
 import train
 from conftest import SHARED
+from attacks import AttackConfig
+from chat_eval import CHAT_METRICS, chat_items, chat_table, evaluate_chat
 from layers import evaluate_layers
 
 REFUSAL_DIR = SHARED / "data" / "refusal_direction"
+HARMBENCH = SHARED / "data" / "harmbench_test.json"
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +42,62 @@ def test_model_written_set(smollm2_set):
     assert len(data.load_circuit_breaker_set(smollm2_set / data.CB_TRAIN)) == counts["circuit_breaker"]
 
 
-def test_short_run_reroutes_harmful_states(tmp_path, smollm2_model, smollm2_set):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, smollm2_model, smollm2_set):
+    """Twelve steps of the preset, batch 4, at twice its lr: a smoke test's run, not the recipe."""
+    out = tmp_path_factory.mktemp("smollm2_run") / "run"
     cfg = train.resolve(train.parse_args([
         "--model", "smollm2", "--model-path", str(smollm2_model), "--data-dir", str(smollm2_set), "--out", str(out),
         "--steps", "12", "--batch-size", "4", "--lr", "2e-3", "--xstest-repeat", "0", "--ckpt-every", "0",
         "--log-every", "4"]))
     train.train(cfg)
-    result = evaluate_layers(smollm2_model, out / "adapter", smollm2_set / data.CB_VAL,
+    return cfg
+
+
+def test_short_run_reroutes_harmful_states(smollm2_model, smollm2_set, short_run):
+    result = evaluate_layers(smollm2_model, Path(short_run.out) / "adapter", smollm2_set / data.CB_VAL,
                              benign=smollm2_set / data.ULTRACHAT, limit=8, batch_size=8)
-    layer = max(cfg.target_layers)
+    layer = max(short_run.target_layers)
     harmful, benign = result["harmful"][layer], result["benign"][layer]
-    # Twelve steps at twice the preset's lr: a smoke test, not the recipe. Measured on the development
-    # machine: harmful 0.08, benign 0.67; the full recipe's three-seed numbers are in README.
+    # Measured on the development machine: harmful 0.08, benign 0.67; the full recipe's three-seed
+    # numbers are in README.
     assert harmful < 0.4 and benign - harmful > 0.3, (harmful, benign)
+
+
+def test_chat_evaluation_reports_every_number(smollm2_model, short_run):
+    """eval.py chat's JSON at tiny sizes: every rate with its counts, interval and outcome classes, the
+    NLL of the base model's own answers (the circuit breaker's higher on harmful text), the layer cosines."""
+    if not HARMBENCH.is_file() or not (REFUSAL_DIR / "harmless_val.json").is_file():
+        pytest.skip(f"{SHARED / 'data'} not found")
+    cfg = AttackConfig(batch_size=8, max_new_tokens=12, embed_steps=2)
+    result = evaluate_chat(smollm2_model, Path(short_run.out) / "adapter", harmbench=HARMBENCH,
+                           benign=REFUSAL_DIR / "harmless_val.json", n_harmful=4, n_benign=4, n_embed=2, cfg=cfg)
+    for name in ("base", "circuit_breaker"):
+        r = result[name]
+        assert [r["counts"][m]["n"] for m in CHAT_METRICS] == [4, 4, 4, 2]
+        assert all(0 <= r[m] <= 1 and len(r["ci95"][m]) == 2 for m in CHAT_METRICS)
+        assert set(r["outcomes"]) == {"benign", "direct", "prefill", "embed"}
+        assert len(r["generations"]) == 4 + 4 + 4 + 2
+    base, cb = result["base"], result["circuit_breaker"]
+    assert set(cb["nll_change"]) == {"harmful", "benign"} and len(cb["layer_cos"]["harmful"]) == 31
+    assert cb["nll"]["harmful"] > base["nll"]["harmful"]
+    assert "broken" in chat_table(result) and "cosine at layer 20" in chat_table(result)
+
+
+def test_chat_items_spread_over_the_standard_behaviours(tmp_path):
+    records = [{"behavior": f"b{i}", "default_target": "Sure", "messages": [{"role": "user", "content": f"b{i}"}],
+                **({"context": "some context"} if i % 3 == 0 else {})} for i in range(12)]
+    (tmp_path / "hb.json").write_text(json.dumps({"name": "x", "description": "", "data": records}))
+    (tmp_path / "benign.json").write_text(json.dumps([{"instruction": f"q{i}"} for i in range(5)]))
+    harmful, benign = chat_items(tmp_path / "hb.json", tmp_path / "benign.json", 4, 3)
+    assert [h["behavior"] for h in harmful] == ["b1", "b4", "b7", "b10"]  # of the 8 standard ones, every 2nd
+    assert [b["instruction"] for b in benign] == ["q0", "q1", "q2"]
+    harmful, _ = chat_items(tmp_path / "hb.json", tmp_path / "benign.json", None, 3)
+    assert len(harmful) == 8 and all(h["context"] is None and h["target"] == "Sure" for h in harmful)
+
+
+def test_chat_command_bad_flags(tmp_path, script_fails):
+    args = ["chat", "--model-path", tmp_path, "--harmbench", tmp_path / "h.json", "--benign", tmp_path / "b.json",
+            "--out", tmp_path / "o.json"]
+    script_fails("eval.py", *args, "--n-benign", 0, match="--n-benign 0: must be at least 1")
+    script_fails("eval.py", *args, "--n-harmful", 0, match="--n-harmful 0: must be at least 1")
