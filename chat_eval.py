@@ -64,8 +64,9 @@ def chat_items(harmbench, benign, n_harmful: int | None, n_benign: int) -> tuple
                      for r in instructions]
 
 
-def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN, n_embed=N_EMBED,
-                  cfg: AttackConfig | None = None, device="cpu", dtype="fp32", base_result=None, log=print) -> dict:
+def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN,
+                  n_embed=N_EMBED, cfg: AttackConfig | None = None, device="cpu", dtype="fp32", base_result=None,
+                  log=print) -> dict:
     """{"base": {...}} and, with an adapter, {"circuit_breaker": {...}}. `base_result`: the base model's
     evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold."""
     cfg = cfg or CHAT_CONFIG
@@ -128,7 +129,8 @@ def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, c
     """Benign compliance and each attack's ASR (its compliant rate), with counts, Wilson intervals,
     outcome classes and every generation. `base` scores each answer's NLL for the broken class."""
     reference = (base, threshold)
-    generations = judge(benign, [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)],
+    asked = [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)]
+    generations = judge(benign, asked,
                         "benign", "direct", tok, cfg, reference)
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
@@ -193,5 +195,6 @@ def chat_table(result: dict) -> str:
     if "circuit_breaker" in result:
         cos = result["circuit_breaker"]["layer_cos"]
         for layer in sorted({len(cos["harmful"]) // 3, 2 * len(cos["harmful"]) // 3}):
-            lines.append(f"cosine at layer {layer}: harmful {cos['harmful'][layer]:.3f}, benign {cos['benign'][layer]:.3f}")
+            lines.append(f"cosine at layer {layer}: harmful {cos['harmful'][layer]:.3f}, "
+                         f"benign {cos['benign'][layer]:.3f}")
     return "\n".join(lines)

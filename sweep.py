@@ -12,7 +12,8 @@ Each seed trains `train.py --model toy` (unless --model is given) with the other
 <out's folder>/seed<S>/, and is evaluated by toy_eval.py on the toy world, or by chat_eval.py on the
 held-out --harmbench and --benign prompts for any other model. The base model is evaluated once: its
 refusal direction (toy) is used for every seed's ablate attack, and its NLL threshold for the outcome
-classes (outcomes.py) and its own answers (chat) serve every seed, so the seeds differ only in their training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
+classes (outcomes.py) and its own answers (chat) serve every seed, so the seeds differ only in their
+training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
 
     {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
      "direction": {"layer": 3, "position": -1} or null,   # a chat model: "model_path", "harmbench", "benign"
