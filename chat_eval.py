@@ -130,8 +130,7 @@ def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, c
     outcome classes and every generation. `base` scores each answer's NLL for the broken class."""
     reference = (base, threshold)
     asked = [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)]
-    generations = judge(benign, asked,
-                        "benign", "direct", tok, cfg, reference)
+    generations = judge(benign, asked, "benign", "direct", tok, cfg, reference)
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
                "embed": lambda: attack_embed(model, tok, harmful[:n_embed], cfg)}
