@@ -207,8 +207,10 @@ def append_text(tok, ids, text) -> list[int]:
     Sentencepiece starts every encoded text with a "▁" (its dummy prefix), so Mistral's "[/INST]" then
     "Sure" encoded apart is `]`, `▁Sure`, but `]`, `Sure` encoded together. Sentencepiece cuts text at
     spaces before it merges, so only the prompt's last word (from its last piece that starts with "▁")
-    can join the text: that word is re-encoded with the text. Llama-3's prompt ends in a special token,
-    which nothing joins, and the toy world's sentencepiece model was trained on turns encoded apart.
+    can join the text: that word is re-encoded with the text. Llama-3's prompt ends in the text token
+    "\n\n" (after "<|end_header_id|>"), which its pre-tokenizer splits off before any merge (a run of
+    newlines is a piece of its own), so nothing joins it; and the toy world's sentencepiece model was
+    trained on turns encoded apart.
     A tokenizer.json (byte-level BPE, ChatML) prompt ends in text after its last special token
     ("<|im_start|>assistant\n"): that text is re-encoded with the appended one, as one string."""
     if tok.chat_format in LLAMA3_FORMATS:

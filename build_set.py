@@ -191,6 +191,12 @@ def draw(records: list[dict], n: int | None, rng: random.Random, what: str) -> l
     return rng.sample(records, n)
 
 
+def split(records: list[dict], answers: list[str], held: set[int], inside: bool) -> tuple[list[dict], list[str]]:
+    """The records and answers whose index is (inside) or is not in `held`, in file order."""
+    chosen = [i for i in range(len(records)) if (i in held) == inside]
+    return [records[i] for i in chosen], [answers[i] for i in chosen]
+
+
 def build(args) -> dict:
     harmful, harmless, held_out = check_args(args)
     kept, dropped = drop_similar(harmful, held_out, args.bleu)
@@ -212,9 +218,9 @@ def build(args) -> dict:
     harmless_answers = answer(model, tok, [r["instruction"] for r in harmless_used], args.max_new_tokens,
                               args.batch_size, "harmless")
 
-    val_in, train_in = harmful_used[:args.n_val], harmful_used[args.n_val:]
-    train, train_unusable = pairs(train_in, harmful_answers[args.n_val:], harmful=True)
-    val, val_unusable = pairs(val_in, harmful_answers[:args.n_val], harmful=True)
+    held = set(rng.sample(range(len(harmful_used)), args.n_val))  # the validation split, chosen by --seed
+    train, train_unusable = pairs(*split(harmful_used, harmful_answers, held, False), harmful=True)
+    val, val_unusable = pairs(*split(harmful_used, harmful_answers, held, True), harmful=True)
     retain, retain_unusable = pairs(harmless_used, harmless_answers, harmful=False)
     if not train or not val or not retain:
         raise ValueError(f"{args.model_path}: too few usable answers ({len(train)} circuit-breaker, {len(val)} "

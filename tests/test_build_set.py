@@ -88,6 +88,8 @@ def test_build_writes_what_train_reads(tmp_path, smollm2_model):
     assert counts["validation"] + counts["validation_unusable"] == 4
     assert len(train) == counts["circuit_breaker"] and len(val) == counts["validation"] and len(chats) == counts["retain"]
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in val)
+    first = {r["instruction"] for r in json.loads(harmful.read_text())[:4]}
+    assert {r["prompt"] for r in val} - first  # --seed draws the validation split, not the file's first four
     assert all(r["output"].strip() and r["category"] == "crime" for r in train)
     assert all([m["role"] for m in c["messages"]] == ["user", "assistant"] for c in chats)
     assert not (out / data.XSTEST).exists()
