@@ -13,7 +13,9 @@ evaluate on a CPU, such as SmolLM2-135M-Instruct.
 What it measures, on held-out prompts only (train on a set that `python data.py build --exclude` kept
 apart from them):
   - HarmBench's standard behaviours (those without a context; `n_harmful` of them) under three attacks: direct, prefill
-    (the answer begun with HarmBench's target) and the paper's embedding attack (on the first `n_embed`).
+    (the answer begun with HarmBench's target) and the paper's embedding attack (on the first `n_embed`),
+    and with `n_embed_strong` Schwinn & Geisler's (on the first `n_embed_strong`; a behaviour is broken
+    when any of its solutions' answers is compliant).
     Every answer gets its outcome class (outcomes.py). With no harm judge at hand, an attack's ASR is its
     compliant rate: an upper bound, since a compliant answer may still be harmless or useless.
   - Benign ability: the first `n_benign` instructions of a held-out instruction list, asked directly;
@@ -32,7 +34,8 @@ measured against.
 import torch
 
 import hf
-from attacks import AttackConfig, attack_direct, attack_embed, attack_prefill, chat_prompt, load_model, release
+from attacks import (AttackConfig, answers_per_item, any_solution, attack_direct, attack_embed, attack_prefill,
+                     chat_prompt, each_sample, load_model, release)
 from data import load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
@@ -40,12 +43,12 @@ from outcomes import nll_per_token, nll_sums, nll_threshold, outcome, outcome_ra
 from rates import rate_text, wilson
 from toy_eval import NOT_FROM_TOKENS, outcome_text, scoring_prompt
 
-CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr")
+CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr")
 MODELS = ("base", "circuit_breaker")
 # Sizes at which a 2-core CPU evaluates a 135M model in minutes (README, "A real model on a CPU", says
 # what they cost); pass larger ones on a faster machine.
 CHAT_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64, embed_steps=25)
-N_HARMFUL, N_BENIGN, N_EMBED = 80, 64, 8
+N_HARMFUL, N_BENIGN, N_EMBED, N_EMBED_STRONG = 80, 64, 8, 0
 MAX_LENGTH = 512  # prompt + answer of 128 tokens always fit: the layer picture never cuts one
 
 
@@ -65,8 +68,8 @@ def chat_items(harmbench, benign, n_harmful: int | None, n_benign: int) -> tuple
 
 
 def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN,
-                  n_embed=N_EMBED, cfg: AttackConfig | None = None, device="cpu", dtype="fp32", base_result=None,
-                  log=print) -> dict:
+                  n_embed=N_EMBED, n_embed_strong=N_EMBED_STRONG, cfg: AttackConfig | None = None, device="cpu",
+                  dtype="fp32", base_result=None, log=print) -> dict:
     """{"base": {...}} and, with an adapter, {"circuit_breaker": {...}}. `base_result`: the base model's
     evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold."""
     cfg = cfg or CHAT_CONFIG
@@ -78,15 +81,15 @@ def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HA
     if base_result is None:
         log("chat evaluation: base")
         model, tok = load_model(model_path, None, torch_dtype, device)
-        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, n_embed, cfg)
+        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, (n_embed, n_embed_strong), cfg)
         del model
         release()
     if adapter is not None:
         log("chat evaluation: circuit_breaker")
         base, tok = load_model(model_path, None, torch_dtype, device)
         model, _ = load_model(model_path, adapter, torch_dtype, device, merge=False)
-        out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items, n_embed, cfg,
-                                                         base_result)
+        out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items,
+                                                         (n_embed, n_embed_strong), cfg, base_result)
         del model, base
         release()
     return out
@@ -103,7 +106,8 @@ def base_metrics(model, tok, harmful, benign, n_embed, cfg) -> dict:
     benign_prompts = [chat_prompt(tok, it["messages"]) for it in benign]
     threshold = nll_threshold(nll_per_token(model, tok, benign_prompts, answers, cfg.batch_size))
     metrics = attack_metrics(model, model, tok, harmful, benign, answers, n_embed, cfg, threshold)
-    compliant = [g for g in metrics["generations"] if g["attack"] == "direct" and g["outcome"] == "compliant"]
+    compliant = [g for g in metrics["generations"]
+                 if g["set"] == "harmful" and g["attack"] == "direct" and g["outcome"] == "compliant"]
     texts = {"harmful": [(g["behavior"], g["generation"]) for g in compliant],
              "benign": [(it["instruction"], a) for it, a in zip(benign, answers)]}
     return {**metrics, "nll_threshold": threshold, "reference_texts": texts,
@@ -127,18 +131,25 @@ def circuit_breaker_metrics(model, base, tok, harmful, benign, n_embed, cfg, bas
 
 def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, cfg, threshold) -> dict:
     """Benign compliance and each attack's ASR (its compliant rate), with counts, Wilson intervals,
-    outcome classes and every generation. `base` scores each answer's NLL for the broken class."""
+    outcome classes and every generation. `base` scores each answer's NLL for the broken class.
+    `n_embed`: (behaviours under the paper's embedding attack, under the strong one; 0 skips it)."""
     reference = (base, threshold)
     asked = [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)]
     generations = judge(benign, asked, "benign", "direct", tok, cfg, reference)
+    n_paper, n_strong = n_embed
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
-               "embed": lambda: attack_embed(model, tok, harmful[:n_embed], cfg)}
+               "embed": lambda: attack_embed(model, tok, harmful[:n_paper], cfg)}
+    if n_strong:
+        attacks["embed_strong"] = lambda: attack_embed(model, tok, harmful[:n_strong], cfg, strong=True)
     counts = {"benign_compliant": count(generations)}
     outcomes = {"benign": outcome_rates([g["outcome"] for g in generations])}
     for attack, run in attacks.items():
-        judged = judge(harmful, run(), "harmful", attack, tok, cfg, reference)
-        counts[f"{attack}_asr"] = count(judged)
+        results = run()
+        items = [it for it, _ in each_sample(harmful, answers_per_item(attack, cfg))]  # the item of each result
+        judged = judge(items, results, "harmful", attack, tok, cfg, reference)
+        successes = any_solution([g["outcome"] == "compliant" for g in judged], attack, cfg)
+        counts[f"{attack}_asr"] = {"successes": sum(successes), "n": len(successes)}
         outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
         generations += judged
     rates = {m: c["successes"] / c["n"] for m, c in counts.items()}
@@ -156,8 +167,9 @@ def judge(items, results, kind, attack, tok, cfg, reference) -> list[dict]:
     else:
         nlls = nll_per_token(base, tok, [scoring_prompt(tok, r) for r in results], texts, cfg.batch_size)
     return [{"set": kind, "attack": attack, "behavior": it.get("behavior", it.get("instruction")), "generation": g,
+             **({"solution": r["solution"]} if "solution" in r else {}),
              "outcome": outcome(g, nll, threshold), "nll": None if nll is None else round(nll, 4)}
-            for it, g, nll in zip(items, texts, nlls)]
+            for it, r, g, nll in zip(items, results, texts, nlls)]
 
 
 def count(generations) -> dict:
@@ -184,7 +196,7 @@ def chat_table(result: dict) -> str:
     then the NLL of the reference texts and (circuit-broken) the layer cosines at the deepest layers."""
     names = list(result)
     lines = [f"{'':<22}" + "".join(f"{n:>32}" for n in names)]
-    for m in CHAT_METRICS:
+    for m in (m for m in CHAT_METRICS if all(m in result[n]["counts"] for n in names)):
         lines.append(f"{m:<22}" + "".join(f"{rate_text(**result[n]['counts'][m]):>32}" for n in names))
         kind = "benign" if m == "benign_compliant" else m.removesuffix("_asr")
         lines += [f"  {c:<20}" + "".join(f"{outcome_text(result[n]['outcomes'][kind], c):>32}" for n in names)

@@ -43,15 +43,15 @@ import torch
 import cli
 import hf
 import toy
-from attacks import (ATTACKS, AttackConfig, add_attack_flags, attack_config, attack_direct, chat_prompt,
-                     check_decoding, decoding, each_sample, generate_texts, load_model, read_direction, release,
-                     run_attack)
+from attacks import (ATTACKS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct,
+                     chat_prompt, check_decoding, decoding, each_sample, generate_texts, load_model, read_direction,
+                     release, run_attack, solutions)
 from chat_eval import CHAT_CONFIG, chat_table, evaluate_chat
 from data import load_harmbench, load_ultrachat, xstest_held_out
 from layers import evaluate_layers, layers_table, write_layers
 from lora import lora_disabled
 from outcomes import OUTCOMES, is_refusal, nll_sums, outcome, outcome_rates  # the refusal phrases live there
-from rates import rate_text, sampled_rates, wilson
+from rates import best_of_k, rate_text, sampled_rates, wilson
 from tokenizer import Tokenizer
 from toy_eval import TOY_CONFIG, evaluate_toy, evaluate_toy_layers, toy_table
 
@@ -256,7 +256,7 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
     del model
     release()
     generations = [r["generation"] for r in results]
-    sampled = [it for it, _ in each_sample(items, cfg.samples)]  # the item of each answer
+    sampled = [it for it, _ in each_sample(items, answers_per_item(attack, cfg))]  # the item of each answer
     if judge == "harmbench":
         scores = judge_harmbench(judge_path, sampled, generations, cfg.batch_size, dtype, device)
     elif judge == "toy":
@@ -269,11 +269,13 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
     # degenerate repetition only (outcomes.py).
     records = [{"behavior": it["behavior"], "context": it["context"], **r, "score": s, "outcome": outcome(g)}
                for it, r, s, g in zip(sampled, results, scores, generations)]
-    splits = {name: (sum(r["score"] == 1 for r in rows), len(rows)) for name, rows in harmbench_splits(records)}
+    # The rates count one answer per behaviour and sample: for embed_strong, a success of any solution's.
+    solved = best_of_k([s == 1 for s in scores], solutions(attack, cfg))
+    splits = {name: (sum(successes), len(successes))
+              for name, successes in harmbench_splits(records, solutions(attack, cfg))}
     return {"benchmark": "harmbench", "attack": attack, "judge": judge,
-            "asr": sum(s == 1 for s in scores) / len(scores), "n": len(scores),
-            "samples": cfg.samples, "decoding": decoding(cfg),
-            **sampled_rates([s == 1 for s in scores], cfg.samples),
+            "asr": sum(solved) / len(solved), "n": len(solved), "solutions": solutions(attack, cfg),
+            "samples": cfg.samples, "decoding": decoding(cfg), **sampled_rates(solved, cfg.samples),
             "n_unparsed": sum(s == -1 for s in scores), "generation_seconds": round(gen_seconds, 1),
             "by_split": {name: {"asr": k / n, "n": n} for name, (k, n) in splits.items() if name != "all"},
             "ci95": {"asr": wilson(*splits["all"]),
@@ -290,10 +292,13 @@ def toy_items(items, root) -> list[dict]:
     return [{**it, "ingredients": by_behavior[it["behavior"]]["ingredients"]} for it in items]
 
 
-def harmbench_splits(records) -> list[tuple[str, list[dict]]]:
-    """All behaviours, then the standard and the contextual ones (a split left out when it has none)."""
-    splits = [("all", records), ("standard", [r for r in records if r["context"] is None]),
-              ("contextual", [r for r in records if r["context"] is not None])]
+def harmbench_splits(records, n_solutions: int) -> list[tuple[str, list[bool]]]:
+    """The successes per behaviour and sample (a success of any of its n_solutions answers), all, then the
+    standard and the contextual ones (a split left out when it has none)."""
+    solved = best_of_k([r["score"] == 1 for r in records], n_solutions)
+    context = [r["context"] for r in records[::n_solutions]]
+    splits = [("all", solved), ("standard", [s for s, c in zip(solved, context) if c is None]),
+              ("contextual", [s for s, c in zip(solved, context) if c is not None])]
     return [(name, rows) for name, rows in splits if rows]
 
 
@@ -302,8 +307,8 @@ def harmbench_table(result: dict) -> str:
     samples per behaviour, the best-of-k ASR over behaviours; beside them, the share of all answers in each
     outcome class (a broken model's low ASR is no safety)."""
     lines = [f"{'behaviours':<12} ASR (successes/n) [95% interval]"]
-    for name, rows in harmbench_splits(result["records"]):
-        lines.append(f"{name:<12} {rate_text(sum(r['score'] == 1 for r in rows), len(rows))}")
+    for name, solved in harmbench_splits(result["records"], result.get("solutions", 1)):
+        lines.append(f"{name:<12} {rate_text(sum(solved), len(solved))}")
     if result.get("samples", 1) > 1:
         best = result["best_of_k"]
         lines.append(f"{'best of ' + str(result['samples']):<12} {rate_text(best['successes'], best['n'])}")
@@ -466,8 +471,11 @@ def parse_args(argv):
     c.add_argument("--n-harmful", type=int, default=d["n_harmful"], help="standard behaviours attacked, evenly spaced through the file")
     c.add_argument("--n-benign", type=int, default=d["n_benign"], help="benign instructions asked")
     c.add_argument("--n-embed", type=int, default=d["n_embed"], help="behaviours the embed attack optimises")
+    c.add_argument("--n-embed-strong", type=int, default=d["n_embed_strong"],
+                   help="behaviours the embed_strong attack optimises (0: not run)")
     c.add_argument("--out", required=True, help="results JSON")
-    add_attack_flags(c, CHAT_CONFIG, ("batch_size", "max_new_tokens", "embed_steps"))
+    add_attack_flags(c, CHAT_CONFIG, ("batch_size", "max_new_tokens", "embed_steps", "embed_strong_steps",
+                                      "embed_strong_solutions"))
 
     c, d = command("layers", "cosine of base and circuit-broken states, layer by layer", evaluate_layers)
     add_analysis_flags(c, d, "circuit-breaker set JSON (harmful prompt + output)", required=False)
@@ -504,8 +512,8 @@ def add_analysis_flags(p, defaults, data: str, required=True):
 
 # The least value of each counting flag; a negative --start or --limit would be a Python slice.
 MINIMUMS = {"start": 0, "limit": 1, "batch_size": 1, "max_new_tokens": 1, "max_length": 1, "embed_tokens": 1,
-            "embed_steps": 0, "embed_strong_tokens": 1, "embed_strong_steps": 0, "samples": 1, "n_harmful": 1, "n_benign": 1,
-            "n_embed": 0}
+            "embed_steps": 0, "embed_strong_steps": 1, "embed_strong_solutions": 1, "embed_strong_gap": 1,
+            "samples": 1, "n_harmful": 1, "n_benign": 1, "n_embed": 0, "n_embed_strong": 0}
 
 
 def run(args):
@@ -513,7 +521,7 @@ def run(args):
     if args.command == "harmbench":
         result = {"args": vars(args), **cli.call(evaluate_harmbench, args, cfg=attack_config(args, AttackConfig()))}
         print(harmbench_table(result))
-        print(f"ASR {rate_text(sum(r['score'] == 1 for r in result['records']), result['n'])} "
+        print(f"ASR {rate_text(result['per_sample']['successes'], result['n'])} "
               f"attack={args.attack} judge={args.judge} model={args.model_path} adapter={args.adapter}"
               + (f"; {result['n_unparsed']} judge answers neither yes nor no" if result["n_unparsed"] else ""))
         if args.samples and args.samples > 1:

@@ -72,9 +72,10 @@ def toy_root(cfg: train.TrainConfig) -> Path:
 
 
 def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | None = None, harmbench=None,
-        benign=None, log=print) -> dict:
+        benign=None, n_embed_strong=0, log=print) -> dict:
     """Train and evaluate once per seed (see the module's docstring) -> the JSON's dict, also written to `out`.
-    `harmbench`, `benign`: the held-out files of a chat model's evaluation (chat_eval.py); the toy's are its world's."""
+    `harmbench`, `benign`: the held-out files of a chat model's evaluation (chat_eval.py); the toy's are its world's.
+    `n_embed_strong`: a chat model's behaviours under the strong embedding attack (0: not run)."""
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
@@ -87,7 +88,7 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
         if first.model == "toy" or (Path(first.model_path).parent / "world.json").is_file():
             base, evaluate, extra = toy_evaluation(first, cfg or TOY_CONFIG, log)
         else:
-            base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, log)
+            base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, n_embed_strong, log)
         result = {"seeds": list(seeds), "train_flags": list(train_args), **extra,
                   "target_layer": max(first.target_layers), "summary": {}, "base": base,
                   "runs": [], "timings": {"base_eval_seconds": round(time.perf_counter() - t0, 1), "seeds": []}}
@@ -122,13 +123,14 @@ def toy_evaluation(first, cfg, log):
     return base, evaluate, {"world": str(root), "direction": found}
 
 
-def chat_evaluation(first, cfg, harmbench, benign, log):
+def chat_evaluation(first, cfg, harmbench, benign, n_embed_strong, log):
     """A chat model's evaluation (chat_eval.py), in the same shape as toy_evaluation's. The base model's
     answers are the reference texts and NLL threshold of every seed."""
     if not harmbench or not benign:
         raise ValueError(f"--model {first.model}: a chat model's sweep needs --harmbench FILE and --benign FILE "
                          "(held-out prompts; see chat_eval.py)")
-    files = dict(harmbench=harmbench, benign=benign, cfg=cfg, device=first.device, log=log)
+    files = dict(harmbench=harmbench, benign=benign, n_embed_strong=n_embed_strong, cfg=cfg, device=first.device,
+                 log=log)
     base = evaluate_chat(first.model_path, **files)["base"]
 
     def evaluate(run_cfg):
@@ -194,13 +196,16 @@ def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", required=True, help="results JSON; each run trains into seed<S>/ beside it")
     p.add_argument("--harmbench", help="chat models: HarmBench behaviours JSON (its standard ones are attacked)")
     p.add_argument("--benign", help="chat models: held-out benign instructions, [{\"instruction\"}]")
+    p.add_argument("--n-embed-strong", type=int, default=0,
+                   help="chat models: behaviours the embed_strong attack optimises (0: not run)")
     return p.parse_known_args(argv)
 
 
 def main(argv=None):
     args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = run(parse_seeds(args.seeds), train_args, args.out, harmbench=args.harmbench, benign=args.benign)
+        result = run(parse_seeds(args.seeds), train_args, args.out, harmbench=args.harmbench, benign=args.benign,
+                     n_embed_strong=args.n_embed_strong)
     except (ValueError, FileNotFoundError, train.TrainingError) as e:
         sys.exit(f"sweep.py: error: {e}")
     print(summary_table(result))

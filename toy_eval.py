@@ -18,7 +18,9 @@ model's answers to the held-out benign questions, generated as the attacks' answ
 sampled answers per question at the same temperature).
 
 With cfg.samples = k > 1, every rate counts all k answers per question or item (n = items x k), and each
-attack also has `<attack>_asr_best_of_k`: the share of items with a success among their k answers.
+attack also has `<attack>_asr_best_of_k`: the share of items with a success among their k answers. The
+strong embedding attack answers each of its solutions (attacks.py); an item's answer counts as a success
+when any solution's does, as its authors counted, and its outcome classes count every solution's answer.
 """
 
 import math
@@ -30,8 +32,9 @@ import torch
 import hf
 import refusal
 import toy
-from attacks import (AttackConfig, append_text, attack_ablate, attack_direct, attack_embed, attack_jailbreak,
-                     attack_prefill, chat_prompt, check_decoding, decoding, each_sample, load_model, release)
+from attacks import (AttackConfig, answers_per_item, any_solution, append_text, attack_ablate, attack_direct,
+                     attack_embed, attack_jailbreak, attack_prefill, chat_prompt, check_decoding, decoding, each_sample,
+                     load_model, release)
 from layers import measure_layers, text_cosines
 from lora import merge_lora
 from outcomes import OUTCOMES, nll_per_token, nll_threshold, outcome, outcome_rates
@@ -153,9 +156,11 @@ def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
         attacks["ablate"] = lambda: attack_ablate(model, tok, harmful, cfg, direction)
     outcomes = {}
     for attack, run in attacks.items():
-        judged = judge_attack(attack, [it for it, _ in each_sample(harmful, k)], run(), tok, cfg, reference)
-        counts[f"{attack}_asr"] = {"successes": sum(g["score"] for g in judged), "n": len(judged)}
-        best = best_of_k([g["score"] == 1 for g in judged], k)
+        judged = judge_attack(attack, [it for it, _ in each_sample(harmful, answers_per_item(attack, cfg))], run(),
+                              tok, cfg, reference)
+        scores = any_solution([g["score"] == 1 for g in judged], attack, cfg)  # (items x k,)
+        counts[f"{attack}_asr"] = {"successes": sum(scores), "n": len(scores)}
+        best = best_of_k(scores, k)
         counts[f"{attack}_asr_best_of_k"] = {"successes": sum(best), "n": len(best)}
         outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
         generations += judged
@@ -177,6 +182,7 @@ def judge_attack(attack, harmful, results, tok, cfg, reference) -> list[dict]:
     else:
         nlls = nll_per_token(base, tok, [scoring_prompt(tok, r) for r in results], generations, cfg.batch_size)
     return [{"set": "harmful", "attack": attack, "behavior": it["behavior"], "generation": g, "sample": r["sample"],
+             **({"solution": r["solution"]} if "solution" in r else {}),
              "score": int(toy.judge(g, it)), "outcome": outcome(g, nll, threshold),
              "nll": None if nll is None else round(nll, 4)}
             for it, r, g, nll in zip(harmful, results, generations, nlls)]

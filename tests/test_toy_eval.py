@@ -16,12 +16,12 @@ import refusal
 import toy
 import toy_eval
 import train
-from attacks import AttackConfig, chat_prompt, load_model
+from attacks import AttackConfig, answers_per_item, any_solution, chat_prompt, load_model
 from lora import merge_lora
 from rates import rate_text, wilson
 
 # Short answers and two embedding steps: these tests are about what is kept, not about the attacks' strength.
-FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2, embed_strong_steps=2)
+FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2, embed_strong_steps=2, embed_strong_solutions=2)
 ATTACKS = ("direct", "jailbreak", "prefill", "embed", "embed_strong", "ablate")
 
 
@@ -101,7 +101,8 @@ def test_every_generation_is_kept_and_judged(result, toy_world):
     by_question = {e["question"]: e for e in world["benign_eval"]}
     for name in ("base", "circuit_breaker"):
         generations = result[name]["generations"]
-        assert len(generations) == len(world["harmful_eval"]) * len(ATTACKS) + len(world["benign_eval"])
+        per_item = sum(answers_per_item(a, FAST) for a in ATTACKS)  # embed_strong answers each of its 2 solutions
+        assert len(generations) == len(world["harmful_eval"]) * per_item + len(world["benign_eval"])
         harmful = [g for g in generations if g["set"] == "harmful"]
         assert {g["attack"] for g in harmful} == set(ATTACKS)
         for g in harmful:
@@ -109,8 +110,8 @@ def test_every_generation_is_kept_and_judged(result, toy_world):
         for g in (g for g in generations if g["set"] == "benign"):
             assert g["score"] == toy.answered(g["generation"], by_question[g["question"]])
         for attack in ATTACKS:  # the rates can be recomputed from the generations
-            scores = [g["score"] for g in harmful if g["attack"] == attack]
-            assert sum(scores) / len(scores) == result[name][f"{attack}_asr"]
+            scores = any_solution([g["score"] == 1 for g in harmful if g["attack"] == attack], attack, FAST)
+            assert len(scores) == len(world["harmful_eval"]) and sum(scores) / len(scores) == result[name][f"{attack}_asr"]
 
 
 def test_every_attack_has_its_outcome_classes(result, toy_world):
@@ -123,7 +124,7 @@ def test_every_attack_has_its_outcome_classes(result, toy_world):
         assert set(result[name]["outcomes"]) == set(ATTACKS)
         for attack, rates in result[name]["outcomes"].items():
             found = [g["outcome"] for g in harmful if g["attack"] == attack]
-            assert rates["n"] == len(found) == len(world["harmful_eval"])
+            assert rates["n"] == len(found) == len(world["harmful_eval"]) * answers_per_item(attack, FAST)
             for c in ("refusal", "broken", "compliant"):
                 assert rates[c] == found.count(c) / len(found) and rates["ci95"][c] == wilson(found.count(c), len(found))
         for g in harmful:
@@ -183,7 +184,8 @@ def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
               metadata={"layer": str(d.layer), "position": str(d.position)})
     out = tmp_path / "toy.json"
     ev.main(["toy", "--toy-root", str(toy_world), "--direction", str(direction), "--device", "cpu",
-             "--max-new-tokens", "8", "--embed-steps", "2", "--embed-strong-steps", "2", "--samples", "4",
+             "--max-new-tokens", "8", "--embed-steps", "2", "--embed-strong-steps", "2", "--embed-strong-solutions", "2",
+             "--samples", "4",
              "--temperature", "1.0", "--out", str(out)])
     base = json.loads(out.read_text())["base"]
     world = toy.load_world(toy_world)
@@ -191,10 +193,11 @@ def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
     assert (base["samples"], base["temperature"], base["top_p"]) == (4, 1.0, 1.0)
     for attack in ATTACKS:
         judged = [g for g in base["generations"] if g["set"] == "harmful" and g["attack"] == attack]
-        assert [g["sample"] for g in judged] == [0, 1, 2, 3] * n
+        s = 2 if attack == "embed_strong" else 1  # solutions, each answered 4 times
+        assert [g["sample"] for g in judged] == [k for k in range(4) for _ in range(s)] * n
         per, best = base["counts"][f"{attack}_asr"], base["counts"][f"{attack}_asr_best_of_k"]
-        assert (per["n"], best["n"], base["outcomes"][attack]["n"]) == (4 * n, n, 4 * n)
-        hits = [g["score"] == 1 for g in judged]
+        assert (per["n"], best["n"], base["outcomes"][attack]["n"]) == (4 * n, n, 4 * n * s)
+        hits = [any(g["score"] == 1 for g in judged[i:i + s]) for i in range(0, 4 * n * s, s)]
         assert best["successes"] == sum(any(hits[i:i + 4]) for i in range(0, 4 * n, 4))
         assert base[f"{attack}_asr_best_of_k"] >= base[f"{attack}_asr"]
         assert base["ci95"][f"{attack}_asr_best_of_k"] == list(wilson(best["successes"], n))
