@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import hf
 import refusal
 from rates import best_of_k
+from model import KVCache
 from tokenizer import LLAMA3_FORMATS, Tokenizer, template_tail
 
 # The strong attack, as Schwinn & Geisler ran it (SchwinnL/circuit-breakers-eval at 473b62e7,
@@ -372,10 +373,11 @@ def loss_of(model, lay: Layout, free):
     return target_loss(model, x, lay.mask, lay.labels)
 
 
-def prompt_embeds(model, lay: Layout, b: int, free_b) -> torch.Tensor:
-    """Row b's prompt for generation: (T_b, D), its free vectors (n, D) inside, no target."""
+def prompt_embeds(model, part: tuple[list[int], list[int]], free_b) -> torch.Tensor:
+    """A row's prompt for generation from its (before ids, after ids): (T, D), its free vectors (n, D)
+    between them, no target."""
     emb = model.model.embed_tokens.weight
-    before, after = lay.parts[b]
+    before, after = part
     return torch.cat([emb[torch.tensor(before, device=emb.device)], free_b.to(emb.dtype),
                       emb[torch.tensor(after, device=emb.device)]])
 
@@ -432,15 +434,62 @@ def optimise_batch(model, tok, items, cfg: AttackConfig) -> list[list[dict]]:
         with torch.no_grad():
             free[active] -= cfg.embed_lr * grad[active]  # (B, n, D) -> active rows
     free = free.detach()
-    return [[{"embeds": prompt_embeds(model, lay, b, free[b]), "loss": float(final_loss[b]), "step": int(steps[b])}]
-            for b in range(B)]
+    return [[{"embeds": prompt_embeds(model, lay.parts[b], free[b]), "loss": float(final_loss[b]),
+              "step": int(steps[b])}] for b in range(B)]
+
+
+class Split(NamedTuple):
+    """A batch's rows cut where the free vectors start, as Schwinn & Geisler's code cuts them: the text
+    before them runs once into a KV cache, and only [free vectors | after | target] runs at every step."""
+    caches: list          # per layer, the prefix's keys and values: [pad | before], left-padded to P
+    prefix_mask: torch.Tensor  # (B, P) 1 at real positions
+    fixed: torch.Tensor   # (B, S, D) [zeros for the vectors | after | target], right-padded to S
+    mask: torch.Tensor    # (B, S) 1 at real positions
+    labels: torch.Tensor  # (B, S) the target's token ids at its positions, -100 elsewhere
+    parts: list           # per row: (before ids, after ids)
+
+
+@torch.no_grad()
+def split_layout(model, tok, items, n: int) -> Split:
+    emb = model.model.embed_tokens.weight  # (V, D)
+    device, args = emb.device, model.args
+    parts = []
+    for it in items:
+        before, after = split_user_turn(tok, it["messages"])
+        parts.append((before, after, tok.encode(prefill_text(it))))
+    B, P, S = len(items), max(len(b) for b, _, _ in parts), max(n + len(a) + len(t) for _, a, t in parts)
+    prefix = torch.zeros(B, P, emb.shape[1], dtype=emb.dtype, device=device)  # (B, P, D)
+    prefix_mask = torch.zeros(B, P, dtype=torch.long, device=device)
+    fixed = torch.zeros(B, S, emb.shape[1], dtype=emb.dtype, device=device)  # (B, S, D)
+    mask = torch.zeros(B, S, dtype=torch.long, device=device)
+    labels = torch.full((B, S), -100, dtype=torch.long, device=device)
+    for b, (before, after, target) in enumerate(parts):
+        prefix[b, P - len(before):] = emb[torch.tensor(before, device=device)]
+        prefix_mask[b, P - len(before):] = 1
+        ids = after + target
+        fixed[b, n:n + len(ids)] = emb[torch.tensor(ids, device=device)]
+        mask[b, :n + len(ids)] = 1
+        labels[b, n + len(after):n + len(ids)] = torch.tensor(target, device=device)
+    caches = [KVCache(B, args.n_kv_heads, P + S, args.head_dim, emb.dtype, device) for _ in model.model.layers]
+    model(input_embeds=prefix, attention_mask=prefix_mask, last_layer=len(model.model.layers), cache=caches)
+    return Split(caches, prefix_mask, fixed, mask, labels, [(b, a) for b, a, _ in parts])
+
+
+def split_loss(model, split: Split, free, rows):
+    """The target loss of the batch's `rows` with their free vectors (B, n, D) in place: (R,),
+    differentiable in `free`. The prefix's cache is copied, so that every step starts from it."""
+    n = free.shape[1]
+    x = torch.cat([free[rows].to(split.fixed.dtype), split.fixed[rows, n:]], dim=1)  # (R, S, D)
+    caches = [c.select(rows) for c in split.caches]
+    mask = torch.cat([split.prefix_mask[rows], split.mask[rows]], dim=1)  # (R, P + S)
+    return target_loss(model, x, mask, split.labels[rows], cache=caches)
 
 
 def optimise_strong_batch(model, tok, items, cfg: AttackConfig) -> list[list[dict]]:
     """The strong attack on a batch of rows (each row as if alone: its own budget and solutions)."""
     emb = model.model.embed_tokens.weight  # (V, D)
     start = strong_init_ids(tok, cfg)
-    lay = layout(model, tok, items, len(start))
+    split = split_layout(model, tok, items, len(start))
     B, wanted, gap = len(items), cfg.embed_strong_solutions, cfg.embed_strong_gap
     free = emb[torch.tensor([start] * B, device=emb.device)].float()  # (B, n, D); fp32 as in optimise_batch
     free.requires_grad_(True)
@@ -452,8 +501,7 @@ def optimise_strong_batch(model, tok, items, cfg: AttackConfig) -> list[list[dic
         rows = [b for b in range(B) if len(kept[b]) < wanted]
         if not rows:
             break
-        idx = torch.tensor(rows, device=emb.device)
-        loss = loss_of(model, Layout(*(t[idx] for t in lay[:4]), None), free[idx])  # (R,), in free's rows
+        loss = split_loss(model, split, free, torch.tensor(rows, device=emb.device))  # (R,)
         values = dict(zip(rows, loss.detach().float().cpu().tolist()))
         for b in rows:
             if values[b] < cfg.embed_strong_early_stop and step - last[b] >= gap:
@@ -470,7 +518,7 @@ def optimise_strong_batch(model, tok, items, cfg: AttackConfig) -> list[list[dic
         with torch.no_grad():
             free[active] -= cfg.embed_strong_lr * grad.sign()[active]  # (B, n, D) -> rows still running
         step += 1
-    return [[{"embeds": prompt_embeds(model, lay, b, f), "loss": v, "step": t} for f, v, t in kept[b]]
+    return [[{"embeds": prompt_embeds(model, split.parts[b], f), "loss": v, "step": t} for f, v, t in kept[b]]
             for b in range(B)]
 
 
@@ -484,10 +532,11 @@ def answers_per_item(attack: str, cfg: AttackConfig) -> int:
     return solutions(attack, cfg) * cfg.samples
 
 
-def target_loss(model, x, mask, labels):
+def target_loss(model, x, mask, labels, cache=None):
     """Mean cross-entropy per row over its labelled positions: x (B, T, D) -> (B,). The head runs only
-    at the positions that predict a target token (the full (B, T, V) logits of an 8B model are large)."""
-    _, hiddens = model(input_embeds=x, attention_mask=mask, last_layer=len(model.model.layers))
+    at the positions that predict a target token (the full (B, T, V) logits of an 8B model are large).
+    With a `cache` of earlier positions, `mask` covers them too; labels (B, T) the new ones only."""
+    _, hiddens = model(input_embeds=x, attention_mask=mask, last_layer=len(model.model.layers), cache=cache)
     h = hiddens[-1][:, :-1]  # (B, T-1, D): position t predicts token t+1
     nxt = labels[:, 1:]  # (B, T-1)
     b, t = (nxt != -100).nonzero(as_tuple=True)

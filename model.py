@@ -220,6 +220,13 @@ class KVCache:
         self.length += T
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A copy holding these batch rows' positions so far: what runs after it leaves this cache as it is
+        (so one prefix serves many continuations)."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v, out.length = self.k[rows], self.v[rows], self.length  # indexing by a tensor copies
+        return out
+
 
 def project(x, *layers) -> list:
     """[layer(x) for each layer]. Layers that can share the work on a common input say how with a
@@ -318,10 +325,13 @@ class Transformer(nn.Module):
     def embed(self, tokens):
         return self.model.embed_tokens(tokens)  # (B, T) -> (B, T, D)
 
-    def forward(self, tokens=None, attention_mask=None, *, lengths=None, input_embeds=None, last_layer=None):
+    def forward(self, tokens=None, attention_mask=None, *, lengths=None, input_embeds=None, last_layer=None,
+                cache: list[KVCache] | None = None):
         """tokens (B, T) or input_embeds (B, T, D); attention_mask (B, T), 1 at real tokens (None: no padding).
         lengths: packed rows instead (B = 1, no attention_mask): the lengths of the rows laid one after
         another in the sequence, each run as if alone; the rest of T is padding.
+        cache: per-layer KV caches holding S earlier positions, which the T new ones follow (and are added
+        to); attention_mask then covers all S + T.
         Returns logits (B, T, V) and the L+1 hidden states. last_layer=k runs blocks 0..k-1 only and
         returns hiddens[0..k] with logits None."""
         x = self.embed(tokens) if input_embeds is None else input_embeds  # (B, T, D)
@@ -330,7 +340,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"packed rows (lengths) run as one sequence (1, T) with no attention_mask; "
                                  f"got batch {x.shape[0]}" + (" and a mask" if attention_mask is not None else ""))
             attention_mask = packed(lengths, x.shape[1], self.args.sliding_window)
-        return self._run(x, attention_mask, last_layer=last_layer)
+        return self._run(x, attention_mask, cache, last_layer=last_layer)
 
     def _run(self, x, key_mask, cache: list[KVCache] | None = None, last_layer=None):
         """key_mask: (B, S) 1 at real tokens, None (no padding), or a Packed sequence."""

@@ -731,3 +731,16 @@ def test_cli_analyses_name_a_zero_limit(chat_model, cli_files, script_fails, com
     script_fails("eval.py", command, "--model-path", chat_model, "--adapter", cli_files["adapter"], "--data", data,
                  "--limit", 0, "--out", cli_files["earlier"], match="--limit 0: must be at least 1")
     assert cli_files["earlier"].read_bytes() == EARLIER
+
+
+def test_embed_strong_runs_the_prefix_once_with_the_same_loss(model):
+    """The strong attack's rows cut at the free vectors, the text before them cached once: the same loss
+    as the whole rows run at every step."""
+    cfg = strong()
+    n = len(attacks.strong_init_ids(TOK, cfg))
+    free = torch.randn(len(ITEMS), n, 32, generator=torch.Generator().manual_seed(0))
+    whole = attacks.loss_of(model, attacks.layout(model, TOK, ITEMS, n), free)
+    split = attacks.split_layout(model, TOK, ITEMS, n)
+    torch.testing.assert_close(attacks.split_loss(model, split, free, torch.tensor([0, 1])), whole)
+    torch.testing.assert_close(attacks.split_loss(model, split, free, torch.tensor([1])), whole[1:])
+    torch.testing.assert_close(attacks.split_loss(model, split, free, torch.tensor([0, 1])), whole)  # cache kept

@@ -69,16 +69,23 @@ def test_chat_evaluation_reports_every_number(smollm2_model, short_run):
     NLL of the base model's own answers (the circuit breaker's higher on harmful text), the layer cosines."""
     if not HARMBENCH.is_file() or not (REFUSAL_DIR / "harmless_val.json").is_file():
         pytest.skip(f"{SHARED / 'data'} not found")
-    cfg = AttackConfig(batch_size=8, max_new_tokens=12, embed_steps=2)
+    cfg = AttackConfig(batch_size=8, max_new_tokens=12, embed_steps=2, embed_strong_steps=2, embed_strong_solutions=2)
     result = evaluate_chat(smollm2_model, Path(short_run.out) / "adapter", harmbench=HARMBENCH,
-                           benign=REFUSAL_DIR / "harmless_val.json", n_harmful=4, n_benign=4, n_embed=2, cfg=cfg)
+                           benign=REFUSAL_DIR / "harmless_val.json", n_harmful=4, n_benign=4, n_embed=2,
+                           n_embed_strong=1, cfg=cfg)
     for name in ("base", "circuit_breaker"):
         r = result[name]
-        assert [r["counts"][m]["n"] for m in CHAT_METRICS] == [4, 4, 4, 2]
+        assert [r["counts"][m]["n"] for m in CHAT_METRICS] == [4, 4, 4, 2, 1]  # embed_strong: one per behaviour
         assert all(0 <= r[m] <= 1 and len(r["ci95"][m]) == 2 for m in CHAT_METRICS)
-        assert set(r["outcomes"]) == {"benign", "direct", "prefill", "embed"}
-        assert len(r["generations"]) == 4 + 4 + 4 + 2
+        assert set(r["outcomes"]) == {"benign", "direct", "prefill", "embed", "embed_strong"}
+        assert r["outcomes"]["embed_strong"]["n"] == 2  # the outcome classes count each solution's answer
+        assert len(r["generations"]) == 4 + 4 + 4 + 2 + 2
     base, cb = result["base"], result["circuit_breaker"]
+    # the harmful reference texts are the base model's compliant answers to the harmful requests, and only those
+    harmful = [(g["behavior"], g["generation"]) for g in base["generations"]
+               if g["set"] == "harmful" and g["attack"] == "direct" and g["outcome"] == "compliant"]
+    assert [tuple(t) for t in base["reference_texts"]["harmful"]] == harmful
+    assert len(base["reference_texts"]["benign"]) == 4
     assert set(cb["nll_change"]) == {"harmful", "benign"} and len(cb["layer_cos"]["harmful"]) == 31
     assert cb["nll"]["harmful"] > base["nll"]["harmful"]
     assert "broken" in chat_table(result) and "cosine at layer 20" in chat_table(result)
