@@ -334,6 +334,15 @@ def strong_init_ids(tok, cfg: AttackConfig) -> list[int]:
     return ids
 
 
+def row_parts(tok, items) -> list[tuple[list[int], list[int], list[int]]]:
+    """Per item, the token ids around the free vectors and the target: (before, after, target)."""
+    parts = []
+    for it in items:
+        before, after = split_user_turn(tok, it["messages"])
+        parts.append((before, after, tok.encode(prefill_text(it))))
+    return parts
+
+
 class Layout(NamedTuple):
     """A batch's rows laid out as [before | free vectors | after | target], left-padded to T."""
     fixed: torch.Tensor   # (B, T, D) the embeddings of every token, zeros where the free vectors go
@@ -346,10 +355,7 @@ class Layout(NamedTuple):
 def layout(model, tok, items, n: int) -> Layout:
     emb = model.model.embed_tokens.weight  # (V, D)
     device = emb.device
-    parts = []
-    for it in items:
-        before, after = split_user_turn(tok, it["messages"])
-        parts.append((before, after, tok.encode(prefill_text(it))))
+    parts = row_parts(tok, items)
     B, T = len(items), max(len(b) + n + len(a) + len(t) for b, a, t in parts)
     fixed = torch.zeros(B, T, emb.shape[1], dtype=emb.dtype, device=device)  # (B, T, D)
     mask = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -453,10 +459,7 @@ class Split(NamedTuple):
 def split_layout(model, tok, items, n: int) -> Split:
     emb = model.model.embed_tokens.weight  # (V, D)
     device, args = emb.device, model.args
-    parts = []
-    for it in items:
-        before, after = split_user_turn(tok, it["messages"])
-        parts.append((before, after, tok.encode(prefill_text(it))))
+    parts = row_parts(tok, items)
     B, P, S = len(items), max(len(b) for b, _, _ in parts), max(n + len(a) + len(t) for _, a, t in parts)
     prefix = torch.zeros(B, P, emb.shape[1], dtype=emb.dtype, device=device)  # (B, P, D)
     prefix_mask = torch.zeros(B, P, dtype=torch.long, device=device)
