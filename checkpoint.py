@@ -8,8 +8,6 @@ of (seed, step), so the step is the whole data position.
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,20 +54,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 
 def find_checkpoint(out: Path) -> Checkpoint:
-    """The checkpoint --resume continues from: <out>/checkpoint. A kill between the two renames of
-    hf.atomic_dir leaves none, but complete directories among its temporaries: then the newest of them."""
+    """The checkpoint --resume continues from: <out>/checkpoint, or where a kill between the two renames of
+    hf.atomic_dir left none, the newest complete one among its temporaries (hf.recoverable). Reads only:
+    put_in_place moves it."""
     ckpt = out / "checkpoint"
-    if ckpt.exists():
-        return read_checkpoint(ckpt)
-    complete = []
-    for tmp in hf.temporaries(ckpt):
-        try:
-            complete.append(read_checkpoint(tmp))
-        except (OSError, ValueError):
-            pass  # its writer was killed before it wrote trainer.json
-    if not complete:
+    found = hf.recoverable(ckpt)
+    if found is None:
         raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from (expected {ckpt / 'trainer.json'})")
-    return max(complete, key=lambda c: c.step)
+    return read_checkpoint(found)
 
 
 # Fields that do not change what training computes, so a resumed run may change them. Every other field
@@ -113,14 +105,9 @@ def load_checkpoint(path: Path, model, optimizer):
         torch.cuda.set_rng_state(tensors["rng.cuda"])
 
 
-def put_in_place(found: Checkpoint, ckpt: Path):
-    """Make the checkpoint a run resumes from <out>/checkpoint, and remove the temporaries beside it."""
-    if found.path != ckpt:
-        os.replace(found.path, ckpt)
-    for stale in hf.temporaries(ckpt):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
+def put_in_place(ckpt: Path):
+    """Make the checkpoint find_checkpoint found <out>/checkpoint, and remove the temporaries beside it."""
+    hf.recover(ckpt)
 
 
 def keep_metrics_until(path: Path, step: int):

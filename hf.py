@@ -38,6 +38,8 @@ tokenizer files.
 Every directory is written through `atomic_dir`, and every single output file (a record, a direction)
 through `atomic_file`: into a temporary beside the target, moved into place once complete, so a crash
 or a kill never leaves a half-written model, adapter, checkpoint or file where a reader would find it.
+A directory's temporaries carry a marker, so that only they are ever removed, and the next write puts
+back the newest complete directory a kill between atomic_dir's two renames left among them.
 
 Read top to bottom: config.json, loading weights, writing directories and weights, PEFT adapters, the
 merged export, and `load_model`, which puts them together, with the dtype names the command lines share.
@@ -48,6 +50,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -267,36 +270,105 @@ TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.jso
 
 @contextmanager
 def atomic_dir(out_dir):
-    """Yield a fresh temporary directory beside out_dir (named .{name}.<random>) to write into. When the
-    block ends, it becomes out_dir; an older out_dir is removed only after the new one is in place. On
-    any exception it is removed and out_dir is left as it was. Readers thus only ever see a complete
-    directory: a writer killed outright leaves at most its temporary behind."""
+    """Yield a fresh directory to write into; when the block ends, it becomes out_dir, and an older
+    out_dir is removed only after the new one is in place. On any exception it is removed and out_dir is
+    left as it was. Readers thus only ever see a complete directory.
+
+    It lies inside a temporary of its own beside out_dir, .{name}.<random>/, which holds MARKER: only
+    directories so marked are ever removed or recovered, never a user's .{name}.backup/. A writer killed
+    outright leaves at most its temporaries, which the next atomic_dir(out_dir) settles (recover)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in temporaries(out_dir):  # left by a writer that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; what it becomes is an ordinary directory
+    recover(out_dir)
+    work = _temporary(out_dir, "writing")
+    tmp = work / out_dir.name
+    tmp.mkdir()
+    tmp.chmod(0o755)  # what it becomes is an ordinary directory, whatever the umask
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
-    # A directory cannot be renamed over a non-empty one: move the old one aside first. A kill between
-    # the two renames leaves both complete directories as temporaries (train.py's resume looks there).
-    old = out_dir.with_name(f".{out_dir.name}.old")
+    _mark(work, "complete")
+    # A directory cannot be renamed over a non-empty one: move the old one aside first, into a temporary
+    # of its own. A kill between the two renames leaves both complete; recover() puts the new one in place.
+    aside = None
     if out_dir.exists():
-        os.replace(out_dir, old)
+        aside = _temporary(out_dir, "previous")
+        os.replace(out_dir, aside / out_dir.name)
     os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    for done in (work, aside):
+        if done is not None:
+            shutil.rmtree(done, ignore_errors=True)
+
+
+# The file in each temporary of atomic_dir's: {"writer": "hf.atomic_dir", "state": ..., "time_ns": ...}.
+# "writing": its directory may be incomplete. "complete": the block ended; its directory is the newest
+# output. "previous": it holds the out_dir that the complete one replaces.
+MARKER = "atomic_dir.json"
+STATES = ("writing", "complete", "previous")
 
 
 def temporaries(out_dir) -> list[Path]:
-    """The directories atomic_dir(out_dir) writes into or moves aside: .{name}.<anything>."""
+    """The temporaries atomic_dir(out_dir) made beside out_dir: directories .{name}.<random> holding its
+    MARKER. A directory of the user's, whatever its name, is none of them."""
     out_dir = Path(out_dir)
     if not out_dir.parent.is_dir():
         return []
-    return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.*") if p.is_dir())
+    return sorted(p for p in out_dir.parent.iterdir()
+                  if p.name.startswith(f".{out_dir.name}.") and _state(p) is not None)
+
+
+def recoverable(out_dir) -> Path | None:
+    """Where out_dir's content is, reading only: out_dir itself; where a kill between atomic_dir's two
+    renames left no out_dir, the newest complete directory among its temporaries (a completed new one
+    before the previous one moved aside), as train.py's resume picks the newest complete checkpoint;
+    else None."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        return out_dir
+    found = [(state["state"] == "complete", state["time_ns"], p / out_dir.name)
+             for p in temporaries(out_dir)
+             if (state := _state(p))["state"] != "writing" and (p / out_dir.name).exists()]
+    return max(found)[2] if found else None
+
+
+def recover(out_dir):
+    """Put in place what recoverable(out_dir) finds, then remove every temporary atomic_dir(out_dir) left."""
+    out_dir = Path(out_dir)
+    found = recoverable(out_dir)
+    if found is not None and found != out_dir:
+        os.replace(found, out_dir)
+    for stale in temporaries(out_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _temporary(out_dir: Path, state: str) -> Path:
+    """A new marked temporary beside out_dir. A kill before its marker is written leaves it unmarked, so
+    never removed: a leftover empty directory, never a lost one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _mark(tmp, state)
+    return tmp
+
+
+def _mark(tmp: Path, state: str):
+    part = tmp / (MARKER + ".part")
+    part.write_text(json.dumps({"writer": "hf.atomic_dir", "state": state, "time_ns": time.time_ns()}))
+    os.replace(part, tmp / MARKER)  # a marker is whole or the one before it
+
+
+def _state(tmp: Path) -> dict | None:
+    """A temporary's marker; None for a directory atomic_dir did not make (or anything else)."""
+    if tmp.is_symlink() or not (tmp / MARKER).is_file():
+        return None
+    try:
+        state = json.loads((tmp / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(state, dict) or state.get("writer") != "hf.atomic_dir" or state.get("state") not in STATES
+            or not isinstance(state.get("time_ns"), int)):
+        return None
+    return state
 
 
 @contextmanager

@@ -565,7 +565,7 @@ def start_output(cfg: TrainConfig, resume_from: checkpoint.Checkpoint | None):
     with hf.atomic_file(out / "run.json") as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if resume_from:
-        checkpoint.put_in_place(resume_from, out / "checkpoint")
+        checkpoint.put_in_place(out / "checkpoint")
         checkpoint.keep_metrics_until(out / "metrics.jsonl", resume_from.step)
 
 

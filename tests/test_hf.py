@@ -6,7 +6,9 @@ tests/test_lora.py's), everything in fp32.
 """
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,7 +155,7 @@ def test_pickled_checkpoints_are_refused(tmp_path):
 def test_atomic_dir_replaces_only_with_a_complete_directory(tmp_path):
     out = tmp_path / "out"
     with hf.atomic_dir(out) as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(".out.")
+        assert tmp.parent.parent == tmp_path and tmp.parent.name.startswith(".out.")
         (tmp / "a").write_text("old")
     assert (out / "a").read_text() == "old" and out.stat().st_mode & 0o777 == 0o755
     for error in (RuntimeError, KeyboardInterrupt):
@@ -167,6 +169,58 @@ def test_atomic_dir_replaces_only_with_a_complete_directory(tmp_path):
         (tmp / "b").write_text("new")
     assert [p.name for p in out.iterdir()] == ["b"]  # replaced as a whole, not merged
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_removes_only_its_own_temporaries(tmp_path):
+    """A user's directories named like a temporary (.out.mybackup/, .out.old/) are theirs: successful
+    writes and a failed one leave them as they were."""
+    out = tmp_path / "out"
+    for name in (".out.mybackup", ".out.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    for _ in range(2):
+        with hf.atomic_dir(out) as tmp:
+            (tmp / "a").write_text("new")
+    with pytest.raises(RuntimeError):
+        with hf.atomic_dir(out) as tmp:
+            raise RuntimeError("failed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.mybackup", ".out.old", "out"]
+    assert all((tmp_path / name / "notes.txt").read_text() == "mine" for name in (".out.mybackup", ".out.old"))
+    assert hf.temporaries(out) == []
+
+
+def killed_between_renames(monkeypatch, out, write):
+    """Run write(tmp) in hf.atomic_dir(out), killed as it renames the new directory to `out`: after the
+    earlier `out` was moved aside, before the new one took its place."""
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt("killed")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with hf.atomic_dir(out) as tmp:
+            write(tmp)
+    monkeypatch.setattr(os, "replace", real)
+
+
+def test_atomic_dir_recovers_the_newest_complete_directory_after_a_kill_between_its_renames(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with hf.atomic_dir(out) as tmp:
+        (tmp / "a").write_text("first")
+    killed_between_renames(monkeypatch, out, lambda tmp: (tmp / "a").write_text("second"))
+    assert not out.exists() and len(hf.temporaries(out)) == 2  # the first moved aside, the second complete
+    with pytest.raises(RuntimeError):  # the next writer fails: what it found is left in place
+        with hf.atomic_dir(out) as tmp:
+            raise RuntimeError("failed mid-write")
+    assert (out / "a").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    killed_between_renames(monkeypatch, out, lambda tmp: (tmp / "a").write_text("third"))
+    assert (hf.recoverable(out) / "a").read_text() == "third" and not out.exists()  # reading moves nothing
+    hf.recover(out)  # as train.py --resume does before reading the checkpoint
+    assert (out / "a").read_text() == "third" and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_atomic_file_replaces_only_with_a_complete_file(tmp_path):

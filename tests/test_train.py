@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -261,20 +262,32 @@ def test_resume_logs_each_step_once(world, tmp_path, monkeypatch, straight):
 
 def test_resume_finds_a_checkpoint_left_between_two_renames(world, tmp_path, monkeypatch, straight):
     out = tmp_path / "out"
-    killed_at(3, world, tmp_path, monkeypatch)
-    shutil.copytree(out / "checkpoint", tmp_path / "step2")
-    killed_at(5, world, tmp_path, monkeypatch, "--resume")
-    # hf.atomic_dir killed between its renames: the old checkpoint moved aside, the new one not yet in
-    # place; beside them, a temporary whose writer was killed before trainer.json
-    (out / "checkpoint").rename(out / ".checkpoint.abc123")
-    shutil.copytree(tmp_path / "step2", out / ".checkpoint.old")
-    shutil.copytree(tmp_path / "step2", out / ".checkpoint.xyz789")
-    (out / ".checkpoint.xyz789" / "trainer.json").write_text('{"step": 6, "con')
+    ckpt = out / "checkpoint"
+    killed_at(3, world, tmp_path, monkeypatch)  # the checkpoint holds step 2
+    # The save of step 4 killed between hf.atomic_dir's renames: step 2's checkpoint moved aside, step 4's
+    # complete beside it, none in place
+    real = os.replace
+
+    def killed(src, dst):
+        if Path(dst) == ckpt:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path, "--ckpt-every", "2", "--resume", *FAST)
+    monkeypatch.setattr(os, "replace", real)
+    assert not ckpt.exists() and len(hf.temporaries(ckpt)) == 2
+    # and beside them, a newer temporary whose writer was killed before it finished (trainer.json cut short)
+    complete = hf.recoverable(ckpt)
+    unfinished = hf._temporary(ckpt, "writing") / "checkpoint"
+    shutil.copytree(complete, unfinished)
+    (unfinished / "trainer.json").write_text('{"step": 6, "con')
     _, out = run(world, tmp_path, "--ckpt-every", "2", "--resume", *FAST)
     assert_identical(straight, adapter_tensors(out))  # resumed from step 4, the newest complete one
     assert metrics_steps(out) == [1, 2, 3, 4, 5, 6]
-    assert hf.temporaries(out / "checkpoint") == []
-    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 6
+    assert hf.temporaries(ckpt) == []
+    assert json.loads((ckpt / "trainer.json").read_text())["step"] == 6
 
 
 def diverging_optimizer(monkeypatch, at: int, value: float):
