@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import save_file
 
 import hf
 
@@ -34,7 +33,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg):
         state["rng.cuda"] = torch.cuda.get_rng_state()
     with hf.atomic_dir(path) as tmp:
         hf.save_adapter(model, tmp / "adapter", base_model_name_or_path=cfg.model_path)
-        save_file(state, tmp / "trainer.safetensors", metadata={"format": "pt"})
+        hf.save_safetensors(state, tmp / "trainer.safetensors", {"format": "pt"})
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
 
 

@@ -388,6 +388,23 @@ def atomic_file(path):
         raise
 
 
+def save_safetensors(tensors: dict, file, metadata: dict):
+    """safetensors' save_file, giving equal files for equal content. safetensors orders the tensors by
+    dtype and name, but writes the metadata in the order of a Rust hash map, which differs from one call
+    to the next: two identical training runs wrote different adapter files. The header is rewritten in
+    place with the metadata sorted; moving keys keeps its length, so the tensors' offsets hold."""
+    save_file(tensors, str(file), metadata=metadata)
+    with open(file, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")  # the header's length, then the header: JSON padded with spaces
+        header = json.loads(f.read(n))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise ValueError(f"{file}: safetensors wrote a header of another spelling; cannot sort its metadata")
+        f.seek(8)
+        f.write(text.ljust(n))
+
+
 def save_pretrained(out_dir, state_dict: dict, config: dict, max_shard_size: int = 5 * 2**30,
                     tokenizer_from=None):
     """Write a HF checkpoint directory: config.json and model.safetensors, or shards with an index, and
@@ -403,7 +420,7 @@ def save_pretrained(out_dir, state_dict: dict, config: dict, max_shard_size: int
         weight_map = {}
         for shard, name in zip(shards, names):
             # "format": "pt" is required by several transformers 4.x versions.
-            save_file({k: v.detach().contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
+            save_safetensors({k: v.detach().contiguous() for k, v in shard.items()}, tmp / name, {"format": "pt"})
             weight_map.update({k: name for k in shard})
         if len(shards) > 1:
             total = sum(v.numel() * v.element_size() for v in state_dict.values())
@@ -513,7 +530,7 @@ def save_adapter(model, out_dir, base_model_name_or_path: str | None = None):
     }
     with atomic_dir(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", BASE_LAYERS_KEY: str(model.args.n_layers)})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, {"format": "pt", BASE_LAYERS_KEY: str(model.args.n_layers)})
 
 
 def read_adapter_config(adapter_dir) -> dict:

@@ -66,7 +66,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import cli
 import hf
@@ -386,7 +385,7 @@ def save_direction(path, selection: Selection, model_path: str, extra_metadata: 
     metadata = {"format": "pt", "layer": str(selection.layer), "position": str(selection.position),
                 "model": str(model_path), **(extra_metadata or {})}
     with hf.atomic_file(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        hf.save_safetensors({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata)
 
 
 @dataclass

@@ -260,6 +260,31 @@ def test_save_pretrained_round_trips_through_hf(tmp_path, ckpt):
         torch.testing.assert_close(hf_model(x).logits, ours(x)[0], atol=TOL, rtol=0)
 
 
+def test_equal_tensors_and_metadata_give_equal_files(tmp_path):
+    """Given in any dict order; safetensors' own save_file writes the metadata in a random order."""
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16),
+               "c": torch.arange(3), "layer.0": torch.zeros(2)}
+    metadata = {"format": "pt", "layer": "3", "position": "-1", "model": "m", "note": "é", "seed": "7"}
+    hf.save_safetensors(tensors, tmp_path / "one.safetensors", metadata)
+    hf.save_safetensors(dict(reversed(tensors.items())), tmp_path / "two.safetensors", dict(reversed(metadata.items())))
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    with safe_open(tmp_path / "one.safetensors", framework="pt") as f:
+        assert f.metadata() == metadata
+    read = hf.read_safetensors(tmp_path / "one.safetensors")
+    assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
+
+
+def test_the_same_adapter_saved_twice_gives_equal_files(base, tmp_path):
+    model = load(base)
+    lora.apply_lora(model, r=4, alpha=8, dropout=0.0, layers=range(N_LAYERS))
+    randomize_lora(model)
+    files = set()
+    for i in range(4):
+        hf.save_adapter(model, tmp_path / f"adapter{i}")
+        files.add((tmp_path / f"adapter{i}" / hf.WEIGHTS_FILE).read_bytes())
+    assert len(files) == 1
+
+
 # -----------------------------------------------------------------------------
 # PEFT adapters
 
