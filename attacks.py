@@ -25,6 +25,7 @@ unless cfg.temperature > 0.
 """
 
 import gc
+import math
 import sys
 import time
 from contextlib import ExitStack
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import cli
 import hf
 import refusal
 from rates import best_of_k
@@ -122,10 +124,30 @@ def decoding(cfg: AttackConfig) -> dict:
     return {"samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
 
 
+def check_attack(cfg: AttackConfig):
+    """Refuse attack settings no run can use, naming the flag. Every command that takes attack flags calls
+    this before any model loads: a NaN step size ran the attack with loss nan and wrote its results."""
+    for name in ("embed_lr", "embed_strong_lr"):
+        if not 0 < getattr(cfg, name) < math.inf:  # NaN fails every comparison
+            raise ValueError(f"{cli.as_flag(name)} {getattr(cfg, name)}: expected a positive finite step size")
+    for name in ("embed_early_stop", "embed_strong_early_stop"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"{cli.as_flag(name)} {getattr(cfg, name)}: expected a loss, 0 or a positive "
+                             "finite number")
+    for name in ("embed_init", "embed_strong_init"):
+        if not getattr(cfg, name).strip():
+            raise ValueError(f"{cli.as_flag(name)} {getattr(cfg, name)!r}: expected text to start the free "
+                             "vectors from")
+    if not math.isfinite(cfg.repe_coeff):
+        raise ValueError(f"--repe-coeff {cfg.repe_coeff}: expected a finite number")
+    cli.check_seed(cfg.seed)
+    check_decoding(cfg)
+
+
 def check_decoding(cfg: AttackConfig):
     """Refuse sampling settings no run can use, naming the flag."""
-    if not cfg.temperature >= 0:  # NaN too
-        raise ValueError(f"--temperature {cfg.temperature}: must be 0 (greedy) or more")
+    if not 0 <= cfg.temperature < math.inf:  # NaN too
+        raise ValueError(f"--temperature {cfg.temperature}: must be 0 (greedy) or a positive finite number")
     if not 0 < cfg.top_p <= 1:
         raise ValueError(f"--top-p {cfg.top_p}: expected a probability in (0, 1]")
     if cfg.samples > 1 and cfg.temperature == 0:

@@ -175,12 +175,22 @@ def check_args(args):
     if not 0 < args.bleu <= 1:
         raise ValueError(f"--bleu {args.bleu}: expected a value in (0, 1]")
     check_out(Path(args.out))
-    hf.read_config(args.model_path)  # a missing or malformed model directory fails now, not after the filter
+    config = hf.read_config(args.model_path)  # a missing or malformed model directory fails now, not after the filter
+    check_context(args.max_new_tokens, config, Path(args.model_path) / "config.json")
     if args.xstest:
         data.load_xstest(args.xstest)
     harmful, harmless = data.load_instructions(args.harmful), data.load_instructions(args.harmless)
     held_out = [text for path in args.exclude for text in held_out_texts(path)]
     return harmful, harmless, held_out
+
+
+def check_context(max_new_tokens: int, config: dict, source: Path):
+    """Answers must fit the model's context with their prompts: a longer generation grows its cache until
+    memory runs out."""
+    context = config.get("max_position_embeddings")
+    if isinstance(context, int) and max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens}: expected fewer than the model's context of {context} "
+                         f"tokens ({source}: max_position_embeddings), which holds the prompt too")
 
 
 def draw(records: list[dict], n: int | None, rng: random.Random, what: str) -> list[dict]:

@@ -35,7 +35,7 @@ import torch
 
 import hf
 from attacks import (AttackConfig, answers_per_item, any_solution, attack_direct, attack_embed, attack_prefill,
-                     chat_prompt, each_sample, load_model, release)
+                     chat_prompt, check_attack, each_sample, load_model, release)
 from data import load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
@@ -73,6 +73,7 @@ def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HA
     """{"base": {...}} and, with an adapter, {"circuit_breaker": {...}}. `base_result`: the base model's
     evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold."""
     cfg = cfg or CHAT_CONFIG
+    check_attack(cfg)
     harmful, benign_items = chat_items(harmbench, benign, n_harmful, n_benign)
     if adapter is not None:
         hf.check_adapter(adapter, model_path)

@@ -1,9 +1,9 @@
 """
-What the command lines of eval.py, refusal.py and bench.py share. A flag and the parameter it feeds have
-one name (`--max-length` feeds `max_length`), so the function's signature holds the default, and a
-command calls its function with the flags of the same names. Bad flags are refused before any model is
-loaded (a run that fails at its last step loses hours of generation), and output files are written whole
-or not at all (hf.atomic_file).
+What the command lines of eval.py, refusal.py and bench.py share, and every command's seed check. A flag
+and the parameter it feeds have one name (`--max-length` feeds `max_length`), so the function's signature
+holds the default, and a command calls its function with the flags of the same names. Bad flags are
+refused before any model is loaded (a run that fails at its last step loses hours of generation), and
+output files are written whole or not at all (hf.atomic_file).
 """
 
 import inspect
@@ -53,6 +53,16 @@ def check_flags(args, minimums: dict, outputs: dict):
 
 def as_flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
+
+
+# torch's generators take a seed of 64 bits; a larger one would fail deep in the run, naming no flag.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: int, flag: str = "--seed"):
+    """Refuse a seed torch cannot take, naming the flag (every command with a seed checks it here)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{flag} {seed}: expected a whole number from 0 to 2**64 - 1")
 
 
 def check_output(path, flag: str, directory: bool = False):

@@ -44,7 +44,7 @@ import cli
 import hf
 import toy
 from attacks import (ATTACKS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct,
-                     chat_prompt, check_decoding, decoding, each_sample, generate_texts, load_model, read_direction,
+                     chat_prompt, check_attack, decoding, each_sample, generate_texts, load_model, read_direction,
                      release, run_attack, solutions)
 from chat_eval import CHAT_CONFIG, chat_table, evaluate_chat
 from data import load_harmbench, load_ultrachat, xstest_held_out
@@ -231,7 +231,7 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
     answer (n = behaviours x k; with one greedy answer, the behaviours); `per_sample` says the same, and
     `best_of_k` counts a behaviour as a success once any of its k answers is judged one."""
     cfg = cfg or AttackConfig()
-    check_decoding(cfg)
+    check_attack(cfg)
     if attack not in ATTACKS or judge not in JUDGES:
         raise ValueError(f"attack {attack!r}, judge {judge!r}: expected one of {ATTACKS} and one of {JUDGES}")
     items = harmbench_items(load_harmbench(benchmark))

@@ -33,7 +33,7 @@ import torch
 import cli
 import toy
 import train
-from attacks import AttackConfig
+from attacks import AttackConfig, check_attack
 from chat_eval import CHAT_CONFIG, CHAT_METRICS, evaluate_chat
 from toy_eval import TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
 
@@ -42,10 +42,14 @@ from toy_eval import TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
 
 
 def parse_seeds(text: str) -> list[int]:
+    """--seeds 1,2,3; an empty item (1,,2) is refused, not skipped: it may be a seed left out."""
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise ValueError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3") from None
+    for seed in seeds:
+        cli.check_seed(seed, "--seeds")
+    return seeds
 
 
 def train_configs(seeds: list[int], train_args: list[str], out: Path) -> dict[int, train.TrainConfig]:
@@ -80,6 +84,8 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
     cli.check_output(out, "--out")
+    if cfg is not None:
+        check_attack(cfg)
     configs = train_configs(seeds, list(train_args), out)
     first = configs[seeds[0]]
     threads = torch.get_num_threads()  # the toy preset sets one thread for its run; the caller keeps its own

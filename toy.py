@@ -612,11 +612,13 @@ def rescale_residual_stream(model, inputs: torch.Tensor, real: torch.Tensor, nor
 def build_world(root=ROOT, size: str = "full", seed: int = 0, log=print) -> dict:
     """Build the whole world into a temporary directory next to `root`, then move it into place (an
     older world is replaced only once the new one is complete). Returns the world.json dict."""
+    from cli import check_seed
     from hf import atomic_dir, save_pretrained
     from tokenizer import Tokenizer
 
     if size not in SIZES:
         raise ValueError(f"toy world size {size!r} unknown; expected one of {list(SIZES)}")
+    check_seed(seed)  # pretraining seeds torch, after the data and tokenizer are built
     t0 = time.time()
     with atomic_dir(root) as tmp:
         world = make_world(SIZES[size], seed)

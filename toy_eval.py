@@ -33,7 +33,7 @@ import hf
 import refusal
 import toy
 from attacks import (AttackConfig, answers_per_item, any_solution, append_text, attack_ablate, attack_direct,
-                     attack_embed, attack_jailbreak, attack_prefill, chat_prompt, check_decoding, decoding, each_sample,
+                     attack_embed, attack_jailbreak, attack_prefill, chat_prompt, check_attack, decoding, each_sample,
                      load_model, release)
 from layers import measure_layers, text_cosines
 from lora import merge_lora
@@ -58,7 +58,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
     refusal.py finds; without either, ablate_asr is left out. `threshold`: the base model's NLL threshold
     (outcomes.py), when already known (a sweep's base evaluation); else it is found here."""
     cfg = cfg or TOY_CONFIG
-    check_decoding(cfg)
+    check_attack(cfg)
     root = Path(toy_root)
     world = toy.load_world(root) if (root / "world.json").is_file() else toy.ensure_world(root, log=log)
     model_path = root / "model"

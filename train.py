@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import cli
 import data
 import hf
 import losses
@@ -203,6 +204,7 @@ def check_values(cfg: TrainConfig, device_present: bool = True):
     unknown = [t for t in cfg.lora_targets if t not in TARGETS]
     if not cfg.lora_targets or unknown:
         raise ValueError(f"{flag('lora_targets')} {_show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")
+    cli.check_seed(cfg.seed)
     if device_present:
         check_device(cfg.device)
 

@@ -282,6 +282,7 @@ def test_refused_in_one_line_and_the_output_is_untouched(outcomes, case):
     ("grad_clip", -1.0), ("weight_decay", -0.01), ("val_batches", 0), ("lora_layers", (-1, 0)),
     ("target_layers", (0, 2)), ("lora_targets", ()), ("device", "cuda:x"), ("device", "meta"),
     ("xstest_holdout", 1.0), ("xstest_holdout", -0.1), ("xstest_holdout", float("nan")),
+    ("seed", 2**64), ("seed", -1),
 ])
 def test_values_no_run_can_use_are_refused_by_flag(field, value):
     with pytest.raises(ValueError, match="^" + re.escape(train.flag(field)) + " "):
@@ -291,3 +292,5 @@ def test_values_no_run_can_use_are_refused_by_flag(field, value):
 def test_the_limits_themselves_are_allowed():
     train.check_values(TrainConfig(device="cpu", lr=1.0, lora_dropout=0.0, threads=0, val_every=0, ckpt_every=0,
                                    n_ultrachat=0, xstest_repeat=0, bucket=0, weight_decay=0.0, target_layers=(1,)))
+    train.check_values(TrainConfig(device="cpu", seed=0))
+    train.check_values(TrainConfig(device="cpu", seed=2**64 - 1))

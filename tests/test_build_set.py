@@ -98,7 +98,8 @@ def test_build_writes_what_train_reads(tmp_path, smollm2_model):
 def test_build_bad_input(tmp_path, script_fails):
     harmful, harmless = instruction_files(tmp_path)
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")  # read before the inputs; its weights never are
+    # read before the inputs; its weights never are
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
     base = ["build", "--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless]
     script_fails("data.py", "build", "--model-path", tmp_path / "none", "--harmful", harmful, "--harmless", harmless,
                  "--out", tmp_path / "o0", match="no such model directory")
@@ -116,4 +117,6 @@ def test_build_bad_input(tmp_path, script_fails):
     script_fails("data.py", *base, "--out", tmp_path / "o3", "--n-harmless", 0, match="--n-harmless 0")
     script_fails("data.py", *base, "--out", tmp_path / "o4", "--n-harmful", 99, match="only 20 harmful")
     script_fails("data.py", *base, "--out", tmp_path / "o5", "--bleu", 2, match="--bleu 2")
+    script_fails("data.py", *base, "--out", tmp_path / "o6", "--max-new-tokens", 100000,
+                 match="--max-new-tokens 100000: expected fewer than the model's context of 2048 tokens")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())  # nothing half-written

@@ -4,7 +4,9 @@ the refusal matcher, benchmark formatting, and bad input stopping the run before
 Tiny random Llama checkpoints are written by transformers in each test module; the model runs in fp32.
 """
 
+import dataclasses
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -14,10 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attacks  # noqa: E402
+import chat_eval  # noqa: E402
 import eval as ev  # noqa: E402
 import hf  # noqa: E402
 import layers  # noqa: E402
 import lora  # noqa: E402
+import toy_eval  # noqa: E402
 from rates import rate_text, wilson  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -610,6 +614,8 @@ def no_evaluation(monkeypatch):
     monkeypatch.setattr(ev, "load_model", refuse)
     monkeypatch.setattr(ev, "generate_texts", refuse)
     monkeypatch.setattr(attacks, "generate_texts", refuse)
+    monkeypatch.setattr(toy_eval, "load_model", refuse)
+    monkeypatch.setattr(chat_eval, "load_model", refuse)
 
 
 def fails(argv, capsys, match):
@@ -665,6 +671,32 @@ def test_adapter_for_another_base_model(tiny, tmp_path, capsys, no_evaluation):
     assert not (tmp_path / "o.json").exists()
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--embed-lr", "nan"], "--embed-lr nan: expected a positive finite step size"),
+    (["--embed-strong-lr", "-1"], "--embed-strong-lr -1.0: expected a positive finite step size"),
+    (["--embed-early-stop", "inf"], "--embed-early-stop inf: expected a loss"),
+    (["--embed-strong-init", " "], "--embed-strong-init ' ': expected text"),
+    (["--repe-coeff", "nan"], "--repe-coeff nan: expected a finite number"),
+    (["--samples", "2", "--temperature", "inf"], "--temperature inf: must be 0 (greedy) or a positive finite"),
+    (["--seed", "-1"], "--seed -1: expected a whole number from 0 to 2**64 - 1"),
+])
+def test_toy_command_refuses_bad_attack_values_before_loading_a_model(toy_world, tmp_path, capsys, no_evaluation,
+                                                                      flags, match):
+    fails(["toy", "--toy-root", str(toy_world), "--device", "cpu", *flags, "--out", str(tmp_path / "o.json")],
+          capsys, match)
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_chat_evaluation_refuses_bad_attack_values_before_loading_a_model(chat_model, cli_files, tmp_path,
+                                                                          no_evaluation):
+    (tmp_path / "benign.json").write_text(json.dumps([{"instruction": "Name a fruit"}]))
+    for cfg, match in [(dataclasses.replace(chat_eval.CHAT_CONFIG, embed_lr=float("nan")), "--embed-lr nan"),
+                       (dataclasses.replace(chat_eval.CHAT_CONFIG, seed=2**64), f"--seed {2**64}")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            chat_eval.evaluate_chat(chat_model, harmbench=cli_files["bench"], benign=tmp_path / "benign.json",
+                                    cfg=cfg, log=lambda *a: None)
+
+
 def test_repe_without_a_direction(tiny, tmp_path, capsys, no_evaluation):
     needs_shared(HARMBENCH)
     fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(HARMBENCH), "--attack", "repe",
@@ -710,6 +742,17 @@ def cli_files(chat_model, tmp_path):
      "--embed-strong-steps 0: must be at least 1"),
     (["--out", "{earlier}", "--attack", "embed_strong", "--embed-strong-solutions", "0"],
      "--embed-strong-solutions 0: must be at least 1"),
+    (["--out", "{earlier}", "--attack", "embed", "--embed-lr", "nan"], "--embed-lr nan: expected a positive finite"),
+    (["--out", "{earlier}", "--attack", "embed_strong", "--embed-strong-lr", "nan"],
+     "--embed-strong-lr nan: expected a positive finite"),
+    (["--out", "{earlier}", "--attack", "embed_strong", "--embed-strong-lr", "-1"],
+     "--embed-strong-lr -1.0: expected a positive finite"),
+    (["--out", "{earlier}", "--attack", "embed_strong", "--embed-strong-early-stop", "nan"],
+     "--embed-strong-early-stop nan: expected a loss"),
+    (["--out", "{earlier}", "--attack", "embed", "--embed-init", ""], "--embed-init '': expected text"),
+    (["--out", "{earlier}", "--samples", "2", "--temperature", "inf"],
+     "--temperature inf: must be 0 (greedy) or a positive finite number"),
+    (["--out", "{earlier}", "--seed", str(2**64)], f"--seed {2**64}: expected a whole number from 0 to 2**64 - 1"),
 ])
 def test_cli_refuses_bad_flags_before_loading_a_model(chat_model, cli_files, tmp_path, script_fails, flags, match):
     flags = [f.format(dir=tmp_path, earlier=cli_files["earlier"]) for f in flags]

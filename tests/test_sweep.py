@@ -2,7 +2,9 @@
 refusal direction searched once, each seed trained and evaluated, the JSON written whole, the table;
 bad flags refused before anything is trained."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -86,6 +88,25 @@ def test_flags_the_sweep_sets_itself_are_refused(toy_world, tmp_path):
     with pytest.raises(ValueError, match="a chat model's sweep needs --harmbench FILE and --benign FILE"):
         sweep.run([1], ["--model", "llama3", "--model-path", str(tmp_path / "m" / "model")], tmp_path / "s.json")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("text, match", [("1,,2", "--seeds 1,,2: expected comma-separated integers"),
+                                         ("1,", "--seeds 1,: expected comma-separated integers"),
+                                         (f"1,{2**64}", f"--seeds {2**64}: expected a whole number from 0 to 2**64 - 1")])
+def test_seeds_are_refused_by_flag(text, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        sweep.parse_seeds(text)
+
+
+def test_bad_attack_settings_are_refused_before_anything_runs(toy_world, tmp_path, monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("bad attack settings reached the evaluation")
+    monkeypatch.setattr(sweep, "toy_evaluation", refuse)
+    monkeypatch.setattr(sweep, "chat_evaluation", refuse)
+    flags = ["--model-path", str(toy_world / "model"), "--data-dir", str(toy_world / "data")]
+    with pytest.raises(ValueError, match=re.escape("--temperature inf: must be 0 (greedy) or a positive finite")):
+        sweep.run([1], flags, tmp_path / "s.json", cfg=dataclasses.replace(FAST, temperature=float("inf")))
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("out, match", [("{tmp}", "is a directory; expected a file"),

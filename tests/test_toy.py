@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -236,4 +237,6 @@ def test_bad_input(tmp_path):
         toy.load_world(tmp_path)
     with pytest.raises(ValueError, match="huge"):
         toy.build_world(tmp_path / "toy", size="huge")
+    with pytest.raises(ValueError, match=re.escape(f"--seed {2**64}: expected a whole number from 0 to 2**64 - 1")):
+        toy.build_world(tmp_path / "toy", size="small", seed=2**64)
     assert not list(tmp_path.iterdir())  # nothing half-built is left behind
