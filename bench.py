@@ -5,6 +5,7 @@ Time circuit-breaker training steps: our fast path next to the official code's l
     python bench.py --shape llama3-8b --device cuda   # GPU: the paper's setting, batch 16, bf16, checkpointing
     python bench.py --shape llama3-8b --flops-only    # FLOPs of both modes on the same batches, no model built
     python bench.py --shape llama3-8b --device cuda --profile   # two of our steps: top kernels, GPU busy share
+    python bench.py --generate --model-path DIR --instructions harmless_val.json  # generation, ours vs transformers
 
 Both modes run train.py's step on random weights, the reference in the official code's layout. The record
 (JSON, printed and written to --out) holds step times, real tokens/s, peak memory, FLOPs (flops.py), MFU and the
@@ -32,6 +33,8 @@ import flops
 import hf
 import losses
 import train
+from bench_generate import bench_generate
+from data import load_instructions
 from synthetic import synthetic_examples
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer
@@ -267,7 +270,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
     add("--profile", action="store_true", help="profile two of our steps instead of timing: top kernels, GPU busy")
     add("--out", help="also write the JSON record to this file")
+    g = p.add_argument_group("generation (--generate: bench_generate.py, ours against transformers' generate)")
+    g.add_argument("--generate", action="store_true", help="time generation instead of training steps")
+    g.add_argument("--model-path", help="HF model directory with its tokenizer and chat template")
+    g.add_argument("--instructions", help="instruction list, [{\"instruction\"}]: the prompts")
+    g.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[32, 1], help="rows per batch (default: 32 1)")
+    g.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per row (default: 16)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per side and batch size (default: 3)")
     return p.parse_args(argv)
+
+
+def generation(a: argparse.Namespace, log) -> dict:
+    """The generation bench's record, its flags checked first."""
+    if not a.model_path or not a.instructions:
+        raise ValueError("--generate needs --model-path DIR and --instructions FILE")
+    hf.read_config(a.model_path)
+    load_instructions(a.instructions)
+    cli.check_flags(a, {"max_new_tokens": 1, "repeats": 1}, {})
+    if min(a.gen_batch_sizes) < 1:
+        raise ValueError(f"--gen-batch-sizes {min(a.gen_batch_sizes)}: must be at least 1")
+    if a.out:
+        cli.check_output(a.out, "--out")
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine("cpu"),
+            **bench_generate(a.model_path, a.instructions, batch_sizes=tuple(a.gen_batch_sizes),
+                             max_new_tokens=a.max_new_tokens, repeats=a.repeats, log=log)}
 
 
 def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
@@ -292,6 +318,8 @@ def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
 
 def bench(a: argparse.Namespace, log=lambda line: print(line, file=sys.stderr)) -> dict:
     """Run what the arguments ask for; the record."""
+    if a.generate:
+        return generation(a, log)
     cfg, args = config_from_args(a), SHAPES[a.shape]
     tokenizer = (a.tokenizer or cfg.model_path) if a.data_dir else None
     cb, retain, pad_id = examples(cfg, a.steps * cfg.batch_size, args.vocab_size, tokenizer)

@@ -133,3 +133,24 @@ def test_flop_count_matches_torch_flop_counter(official, ckpt, packed):
     assert flops.rows_run(batch.cb_tokens, batch.cb_lengths) == ([40, 48, 8] if packed else [48, 48])
     assert flops.rows_run(batch.retain_tokens, batch.retain_lengths) == ([30, 32, 2] if packed else [32, 32])
     assert counter.get_total_flops() == pytest.approx(parts["linear"] + parts["lora"] + parts["head"], rel=0.03)
+
+
+def test_generation_mode_is_token_for_token_transformers(tmp_path, smollm2_model):
+    """bench.py --generate on the real SmolLM2 at tiny sizes: both sides' outputs equal, each side timed."""
+    instructions = tmp_path / "instructions.json"
+    instructions.write_text(json.dumps([{"instruction": "Name three colours."}, {"instruction": "What is 2 + 2?"}]))
+    record = bench.bench(bench.parse_args(["--generate", "--model-path", str(smollm2_model), "--instructions",
+                                           str(instructions), "--gen-batch-sizes", "2", "1", "--max-new-tokens", "4",
+                                           "--repeats", "1", "--device", "cpu"]), log=lambda line: None)
+    assert [r["batch"] for r in record["results"]] == [2, 1]
+    for r in record["results"]:
+        assert r["identical"] and r["rows_differing"] == 0 and r["ratio"] > 0
+        assert r["ours"]["tokens_per_s"] > 0 and r["transformers"]["ms_per_token"] > 0
+    assert record["results"][0]["prompt_lengths"][0] > record["results"][0]["prompt_lengths"][1] > 0
+
+
+def test_generation_mode_needs_its_files():
+    done = subprocess.run([sys.executable, "bench.py", "--generate", "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--generate needs --model-path DIR and --instructions FILE" in done.stderr
