@@ -58,13 +58,19 @@ def chat_items(harmbench, benign, n_harmful: int | None, n_benign: int) -> tuple
     standard = [{"behavior": r["behavior"], "context": None, "target": r["default_target"],
                  "messages": [dict(m) for m in r["messages"]]}
                 for r in load_harmbench(harmbench) if r["context"] is None]
-    n = len(standard) if n_harmful is None else min(n_harmful, len(standard))
-    harmful = [standard[i * len(standard) // n] for i in range(n)] if n else []
+    harmful = evenly_spaced(standard, len(standard) if n_harmful is None else n_harmful)
     if not harmful:
         raise ValueError(f"{harmbench}: no standard behaviour (every one has a context)")
     instructions = load_instructions(benign)[:n_benign]
     return harmful, [{"instruction": r["instruction"], "messages": [{"role": "user", "content": r["instruction"]}]}
                      for r in instructions]
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """n of the items (all, if fewer), evenly spaced from the first: HarmBench's behaviours come grouped by
+    category, so the first n would cover a few categories only."""
+    n = min(n, len(items))
+    return [items[i * len(items) // n] for i in range(n)] if n else []
 
 
 def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN,

@@ -46,7 +46,7 @@ import toy
 from attacks import (ATTACKS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct,
                      chat_prompt, check_attack, decoding, each_sample, generate_texts, load_model, read_direction,
                      release, run_attack, solutions)
-from chat_eval import CHAT_CONFIG, chat_table, evaluate_chat
+from chat_eval import CHAT_CONFIG, chat_table, evaluate_chat, evenly_spaced
 from data import load_harmbench, load_ultrachat, xstest_held_out
 from layers import evaluate_layers, layers_table, write_layers
 from lora import lora_disabled
@@ -221,8 +221,8 @@ JUDGES = ("harmbench", "refusal", "toy", "none")
 
 
 def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", judge="refusal", judge_path=None,
-                       direction=None, toy_root=toy.ROOT, start=0, limit=None, cfg: AttackConfig | None = None,
-                       device="cpu", dtype="auto") -> dict:
+                       direction=None, toy_root=toy.ROOT, start=0, limit=None, spread=None,
+                       cfg: AttackConfig | None = None, device="cpu", dtype="auto") -> dict:
     """Attack `limit` behaviours of a HarmBench JSON from `start`, then judge the answers (cfg.samples per
     behaviour); `direction`: a refusal.py file for repe and ablate. Every input is checked first, so bad input
     stops the run before any generation.
@@ -235,6 +235,8 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
     if attack not in ATTACKS or judge not in JUDGES:
         raise ValueError(f"attack {attack!r}, judge {judge!r}: expected one of {ATTACKS} and one of {JUDGES}")
     items = harmbench_items(load_harmbench(benchmark))
+    if spread is not None:  # as eval.py chat picks its behaviours
+        items = evenly_spaced([it for it in items if it["context"] is None], spread)
     items = items[start:None if limit is None else start + limit]
     if not items:
         raise ValueError(f"{benchmark}: no behaviours left after --start {start} --limit {limit}")
@@ -442,6 +444,8 @@ def parse_args(argv):
     c.add_argument("--direction", help="refusal direction file (refusal.py) for repe and ablate")
     c.add_argument("--toy-root", default=d["toy_root"], help="the toy world, for --judge toy")
     add_slice_flags(c, d, "behaviour")
+    c.add_argument("--spread", type=int, help="only this many of the standard behaviours (no context), evenly "
+                   "spaced through the file, as eval.py chat picks them (before --start and --limit)")
     c.add_argument("--out", required=True, help="results JSON")
     add_attack_flags(c, AttackConfig())
 
@@ -513,7 +517,7 @@ def add_analysis_flags(p, defaults, data: str, required=True):
 # The least value of each counting flag; a negative --start or --limit would be a Python slice.
 MINIMUMS = {"start": 0, "limit": 1, "batch_size": 1, "max_new_tokens": 1, "max_length": 1, "embed_tokens": 1,
             "embed_steps": 0, "embed_strong_steps": 1, "embed_strong_solutions": 1, "embed_strong_gap": 1,
-            "samples": 1, "n_harmful": 1, "n_benign": 1, "n_embed": 0, "n_embed_strong": 0}
+            "samples": 1, "n_harmful": 1, "n_benign": 1, "n_embed": 0, "n_embed_strong": 0, "spread": 1}
 
 
 def run(args):
