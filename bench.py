@@ -305,6 +305,8 @@ def config_from_args(a: argparse.Namespace) -> train.TrainConfig:
         raise ValueError(f"--device {a.device}, but torch sees no CUDA device (--flops-only needs none)")
     if a.out:
         cli.check_output(a.out, "--out")
+    if a.data_dir and not Path(a.data_dir).is_dir():  # else the preset's tokenizer, read first, is what fails
+        raise FileNotFoundError(f"--data-dir {a.data_dir}: no such directory")
     given = {k: getattr(a, k) for k in ("device", "dtype", "grad_ckpt", "pack", "bucket", "compile", "micro_batch",
                                         "batch_size", "data_dir") if getattr(a, k) is not None}
     settings = SHAPE_CONFIG[a.shape]
@@ -369,8 +371,10 @@ def main(argv=None):
         if a.out:
             with hf.atomic_file(a.out) as tmp:
                 tmp.write_text(json.dumps(record, indent=2) + "\n")
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         sys.exit(f"bench.py: error: {e}")
+    except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
+        sys.exit(f"bench.py: error: {cli.os_error(e, '--out', a.out)}")
 
 
 if __name__ == "__main__":

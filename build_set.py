@@ -37,7 +37,6 @@ import data
 import hf
 import outcomes
 from attacks import AttackConfig, chat_prompt, generate_texts
-from tokenizer import Tokenizer
 
 N_HARMLESS = 400  # answers for the retain set: a few minutes of generation for a small model on a CPU
 OUTPUTS = (data.CB_TRAIN, data.CB_VAL, data.ULTRACHAT, data.XSTEST, "build.json")
@@ -219,10 +218,10 @@ def build(args) -> dict:
         raise ValueError(f"--n-val {args.n_val}: needs more than {args.n_val} harmful instructions, "
                          f"{len(harmful_used)} are left")
 
+    tok = hf.load_tokenizer(args.model_path)  # checked against the model's vocabulary before its weights load
     dtype = hf.pick_dtype(args.dtype, args.device)
     model = hf.load_model(args.model_path, dtype=dtype, device=args.device).eval()
     model.requires_grad_(False)
-    tok = Tokenizer.from_pretrained(args.model_path)
     harmful_answers = answer(model, tok, [r["instruction"] for r in harmful_used], args.max_new_tokens,
                              args.batch_size, "harmful")
     harmless_answers = answer(model, tok, [r["instruction"] for r in harmless_used], args.max_new_tokens,
@@ -263,8 +262,10 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         summary = build(args)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"data.py: error: {e}")
+    except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
+        sys.exit(f"data.py: error: {cli.os_error(e, '--out', args.out)}")
     c = summary["counts"]
     print(f"wrote {args.out}: {c['circuit_breaker']} circuit-breaker examples ({c['circuit_breaker_unusable']} "
           f"answers refused or broken, left out), {c['validation']} validation, {c['retain']} retain")

@@ -8,6 +8,7 @@ output files are written whole or not at all (hf.atomic_file).
 
 import inspect
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -43,12 +44,16 @@ def check_flags(args, minimums: dict, outputs: dict):
     flag ({dest: least}), and each output path given ({dest: True for a directory, False for a file})."""
     check_device(args.device)
     for dest, least in minimums.items():
-        value = getattr(args, dest, None)
-        if value is not None and value < least:
-            raise ValueError(f"{as_flag(dest)} {value}: must be at least {least}")
+        check_least(getattr(args, dest, None), least, as_flag(dest))
     for dest, directory in outputs.items():
         if getattr(args, dest, None) is not None:
             check_output(getattr(args, dest), as_flag(dest), directory)
+
+
+def check_least(value, least, flag: str):
+    """Refuse a counting flag below its least value (None: not given)."""
+    if value is not None and value < least:
+        raise ValueError(f"{flag} {value}: must be at least {least}")
 
 
 def as_flag(dest: str) -> str:
@@ -66,8 +71,8 @@ def check_seed(seed: int, flag: str = "--seed"):
 
 
 def check_output(path, flag: str, directory: bool = False):
-    """Refuse an output path that cannot be written: a directory where a file goes (or the reverse), or a
-    path under a regular file."""
+    """Refuse an output path that cannot be written: a directory where a file goes (or the reverse), a
+    path under a regular file, or one this user may not write (check_writable)."""
     path = Path(path)
     if path.exists() and path.is_dir() != directory:
         raise ValueError(f"{flag} {path}: is a {'file' if directory else 'directory'}; expected "
@@ -75,6 +80,29 @@ def check_output(path, flag: str, directory: bool = False):
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    check_writable(path, flag, directory)
+
+
+def check_writable(path, flag: str, directory: bool = False):
+    """Refuse an output this user may not write, before any work: a read-only directory would otherwise fail
+    only at the end, after hours of generation or training. What is checked is the directory the output is
+    written into: a directory output itself, when it exists (train.py writes into it, and moving it aside
+    rewrites its '..'); else the nearest existing directory above it, where the missing ones will be made."""
+    path = Path(path)
+    nearest = next(p for p in [*([path] if directory else []), *path.parents] if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write into {nearest} (permission denied)")
+
+
+def os_error(e: OSError, flag: str, path) -> str:
+    """The message of an OSError that stopped a command, for its one error line. The project's own (a
+    missing input, raised with a message) say what they are; the system's name their file, or, where they
+    name none (a full disk while writing), the output being written."""
+    if e.errno is None:
+        return str(e)
+    if e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    return f"{flag} {path}: could not write ({e.strerror})" if path is not None else str(e)
 
 
 def write_json(path, result: dict):

@@ -112,7 +112,7 @@ def load_xstest(path, label: str = "1_full_compliance") -> list[dict]:
     path = Path(path)
     columns = ("prompt", "completion", "final_label")
     rows = []
-    with io.StringIO(_read_text(path), newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         try:
             missing = [c for c in columns if c not in (reader.fieldnames or [])]
@@ -172,7 +172,7 @@ def _existing(path) -> Path:
     return path
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """A whole file as text. A byte that is not UTF-8 is reported with its line: decoding the whole
     file at once gives its offset in the file, where a text stream would only say which chunk."""
     raw = _existing(path).read_bytes().removeprefix(codecs.BOM_UTF8)  # spreadsheets often write a BOM
@@ -185,9 +185,11 @@ def _read_text(path: Path) -> str:
 
 def _read_json(path: Path):
     try:
-        return json.loads(_read_text(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    except RecursionError:  # json's parser recurses once per bracket: thousands of nested lists exhaust the stack
+        raise ValueError(f"{path}: nested too deeply to read as JSON") from None
 
 
 def _json_records(path, fields) -> list[dict]:

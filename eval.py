@@ -33,6 +33,7 @@ the ASR: a broken model looks safe to an ASR.
 
 import argparse
 import csv
+import io
 import math
 import sys
 import time
@@ -47,7 +48,7 @@ from attacks import (ATTACKS, AttackConfig, add_attack_flags, answers_per_item, 
                      chat_prompt, check_attack, decoding, each_sample, generate_texts, load_model, read_direction,
                      release, run_attack, solutions)
 from chat_eval import CHAT_CONFIG, chat_table, evaluate_chat, evenly_spaced
-from data import load_harmbench, load_ultrachat, xstest_held_out
+from data import load_harmbench, load_ultrachat, read_text, xstest_held_out
 from layers import evaluate_layers, layers_table, write_layers
 from lora import lora_disabled
 from outcomes import OUTCOMES, is_refusal, nll_sums, outcome, outcome_rates  # the refusal phrases live there
@@ -77,9 +78,7 @@ def load_xstest_prompts(path) -> list[dict]:
     xstest_v2_completions_*.csv (no label: the `contrast_*` types are the unsafe prompts).
     -> [{"id", "type", "prompt", "safe"}]. Every row, whatever a stored completion's label."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:  # a byte that is not UTF-8 is named by file and line
         reader = csv.DictReader(f)
         missing = [c for c in ("prompt", "type") if c not in (reader.fieldnames or [])]
         if missing:
@@ -249,6 +248,7 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
     if adapter:
         hf.check_adapter(adapter, model_path)
     steering = read_direction(direction, attack, model_path, cfg)
+    hf.load_tokenizer(model_path)  # one for another model would fail only once the model runs
 
     dtype = hf.pick_dtype(dtype, device)
     model, tok = load_model(model_path, adapter, dtype, device)
@@ -413,8 +413,9 @@ def mean_nll(model, examples, batch_size: int) -> float:
 def evaluate_perplexity(model_path, adapter, data, *, limit=100, max_length=1024, batch_size=8, device="cpu",
                         dtype="auto") -> dict:
     """Perplexity of the assistant's turns in `limit` held-out chats, adapter off (base) and on."""
-    conversations = load_ultrachat(data, limit=limit)
-    model, tok = load_model(model_path, adapter, hf.pick_dtype(dtype, device), device, merge=False)
+    tok = hf.load_tokenizer(model_path)
+    conversations = load_ultrachat(data, limit=limit, check=tok.check_chat)  # its turn order, by file and line
+    model, _ = load_model(model_path, adapter, hf.pick_dtype(dtype, device), device, merge=False)
     examples = conversation_examples(tok, conversations, max_length)
     with lora_disabled(model):
         base = mean_nll(model, examples, batch_size)
@@ -479,7 +480,7 @@ def parse_args(argv):
                    help="behaviours the embed_strong attack optimises (0: not run)")
     c.add_argument("--out", required=True, help="results JSON")
     add_attack_flags(c, CHAT_CONFIG, ("batch_size", "max_new_tokens", "embed_steps", "embed_strong_steps",
-                                      "embed_strong_solutions"))
+                                      "embed_strong_solutions", "embed_strong_gap"))
 
     c, d = command("layers", "cosine of base and circuit-broken states, layer by layer", evaluate_layers)
     add_analysis_flags(c, d, "circuit-breaker set JSON (harmful prompt + output)", required=False)
@@ -575,8 +576,10 @@ def main(argv=None):
         if args.command == "layers":
             check_layers_source(args)
         run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"eval.py: error: {e}")
+    except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
+        sys.exit(f"eval.py: error: {cli.os_error(e, '--out', args.out)}")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from safetensors.torch import save_file
 
 from lora import PARENT, TARGETS, apply_lora, lora_modules, merge_lora
 from model import ModelArgs, Transformer, projection_shapes
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config.json
@@ -155,6 +156,19 @@ def _read_rope(config: dict, source: str) -> tuple[float, dict | None]:
                 if key not in scaling:
                     raise ValueError(f"{source}: llama3 rope scaling lacks {key!r}")
     return float(theta), scaling
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of model directory `path`, refused when it makes ids past the model's embeddings
+    (config.json's vocab_size): a tokenizer for another model. Reads no weights, so a command checks it
+    before it loads any."""
+    config_file = Path(path) / "config.json"
+    vocab_size = model_args(read_config(path), source=str(config_file)).vocab_size
+    tokenizer = Tokenizer.from_pretrained(path)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but {config_file} gives the model "
+                         f"{vocab_size} embeddings (a tokenizer for another model?)")
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------

@@ -84,14 +84,21 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
     cli.check_output(out, "--out")
+    cli.check_least(n_embed_strong, 0, "--n-embed-strong")
     if cfg is not None:
         check_attack(cfg)
     configs = train_configs(seeds, list(train_args), out)
     first = configs[seeds[0]]
+    on_toy = first.model == "toy" or (Path(first.model_path).parent / "world.json").is_file()
+    if not on_toy and not (harmbench and benign):
+        raise ValueError(f"--model {first.model}: a chat model's sweep needs --harmbench FILE and --benign FILE "
+                         "(held-out prompts; see chat_eval.py)")
+    for run_cfg in configs.values():  # every run's output, model and data, before the base evaluation's minutes
+        train.check_run(run_cfg)
     threads = torch.get_num_threads()  # the toy preset sets one thread for its run; the caller keeps its own
     try:
         t0 = time.perf_counter()
-        if first.model == "toy" or (Path(first.model_path).parent / "world.json").is_file():
+        if on_toy:
             base, evaluate, extra = toy_evaluation(first, cfg or TOY_CONFIG, log)
         else:
             base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, n_embed_strong, log)
@@ -132,9 +139,6 @@ def toy_evaluation(first, cfg, log):
 def chat_evaluation(first, cfg, harmbench, benign, n_embed_strong, log):
     """A chat model's evaluation (chat_eval.py), in the same shape as toy_evaluation's. The base model's
     answers are the reference texts and NLL threshold of every seed."""
-    if not harmbench or not benign:
-        raise ValueError(f"--model {first.model}: a chat model's sweep needs --harmbench FILE and --benign FILE "
-                         "(held-out prompts; see chat_eval.py)")
     files = dict(harmbench=harmbench, benign=benign, n_embed_strong=n_embed_strong, cfg=cfg, device=first.device,
                  log=log)
     base = evaluate_chat(first.model_path, **files)["base"]
@@ -212,8 +216,10 @@ def main(argv=None):
     try:
         result = run(parse_seeds(args.seeds), train_args, args.out, harmbench=args.harmbench, benign=args.benign,
                      n_embed_strong=args.n_embed_strong)
-    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+    except (ValueError, train.TrainingError) as e:
         sys.exit(f"sweep.py: error: {e}")
+    except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
+        sys.exit(f"sweep.py: error: {cli.os_error(e, '--out', args.out)}")
     print(summary_table(result))
     print(f"wrote {args.out}")
 

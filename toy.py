@@ -704,10 +704,15 @@ def main(argv=None):
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from cli import check_output, os_error
+
     try:
+        check_output(args.root, "--root", directory=True)  # before the minutes of pretraining
         world = build_world(args.root, args.size, args.seed)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         sys.exit(f"toy.py: error: {e}")
+    except OSError as e:  # a --root the system could not write (a full disk)
+        sys.exit(f"toy.py: error: {os_error(e, '--root', args.root)}")
     print(summary(world, args.root))
     print(demo(world, args.root))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import hf
 import refusal
 import toy
@@ -60,7 +61,14 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
     cfg = cfg or TOY_CONFIG
     check_attack(cfg)
     root = Path(toy_root)
-    world = toy.load_world(root) if (root / "world.json").is_file() else toy.ensure_world(root, log=log)
+    built = (root / "world.json").is_file()
+    # What needs no world is checked before one is built (minutes): the adapter's own files, and the
+    # directory a missing world would be built in.
+    if adapter is not None:
+        hf.read_adapter_config(adapter)
+    if not built:
+        cli.check_output(root, "--toy-root", directory=True)
+    world = toy.load_world(root) if built else toy.ensure_world(root, log=log)
     model_path = root / "model"
     models = models or (MODELS if adapter is not None else ("base",))
     if any(m not in MODELS for m in models) or ("circuit_breaker" in models and adapter is None):

@@ -40,7 +40,6 @@ import hf
 import losses
 from lora import TARGETS, apply_lora, lora_disabled, lora_modules
 from model import ModelArgs, Transformer
-from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # 1. Configuration: one dataclass holds every default; the command line is generated from it.
@@ -260,15 +259,6 @@ def check_model(cfg: TrainConfig) -> ModelArgs:
         raise ValueError(f"--lora-layers {_show(cfg.lora_layers)}: expected block indices 0..{n - 1} ({config_file} "
                          f"has {n} blocks; without --lora-layers, LoRA goes on 0..max(--target-layers))")
     return args
-
-
-def load_tokenizer(cfg: TrainConfig, args: ModelArgs) -> Tokenizer:
-    """The model's tokenizer; one that makes ids past the model's embedding table is refused."""
-    tokenizer = Tokenizer.from_pretrained(cfg.model_path)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, but {Path(cfg.model_path) / 'config.json'}"
-                         f" gives the model {args.vocab_size} embeddings (a tokenizer for another model?)")
-    return tokenizer
 
 
 def load_model(cfg: TrainConfig) -> Transformer:
@@ -535,7 +525,7 @@ def train(cfg: TrainConfig):
 
 
 def check_run(cfg: TrainConfig):
-    """The checks that need no weights, before anything in <out> is touched: the output path, the
+    """The checks that need no weights, before anything in <out> is touched: the output path (writable too), the
     checkpoint and its settings (--resume), the model's config.json against the layers asked for, the
     tokenizer against the model's vocabulary, the data, and the batch size against the data. Returns
     (tokenizer, (circuit-breaker, retain, validation) examples, the checkpoint to resume from or None)."""
@@ -543,13 +533,15 @@ def check_run(cfg: TrainConfig):
     for path in (out, *out.parents):
         if path.exists() and not path.is_dir():
             raise ValueError(f"--out {out}: {path} is a file, not a directory")
+    cli.check_writable(out, "--out", directory=True)
     resume_from = checkpoint.find_checkpoint(out) if cfg.resume else None
     if resume_from:
         checkpoint.check_resumable(cfg, resume_from)
     if cfg.model == "toy":
         import toy  # builds the toy world on first use
         toy.ensure_world(Path(cfg.model_path).parent)
-    tokenizer = load_tokenizer(cfg, check_model(cfg))
+    check_model(cfg)
+    tokenizer = hf.load_tokenizer(cfg.model_path)
     cb, retain, val = load_data(cfg, tokenizer)
     data.check_batch_size(cb, retain, cfg.batch_size, name="--batch-size")
     longest = max(len(e.tokens) for e in retain)
@@ -654,8 +646,10 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         sys.exit("train.py: error: CUDA out of memory. Lower memory with --batch-size (e.g. 8), keep --grad-ckpt "
                  "on, or shorten examples; see README 'Memory'.")
-    except (OSError, ValueError, TrainingError) as e:  # OSError: a missing file, or an unwritable --out
+    except (ValueError, TrainingError) as e:
         sys.exit(f"train.py: error: {e}")
+    except OSError as e:  # a missing file, or an --out the system could not write (a full disk)
+        sys.exit(f"train.py: error: {cli.os_error(e, '--out', cfg.out)}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 import os
 import subprocess
 import sys
@@ -26,6 +27,25 @@ def script_fails():
         assert proc.stderr.startswith(f"{script}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert match in proc.stderr, proc.stderr
     return check
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """An empty directory of mode 0o555, which this user may not write into; the test is skipped where
+    permissions are not enforced (root writes into such a directory anyway, so no command can refuse it)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    if os.access(path, os.W_OK):
+        path.chmod(0o755)
+        pytest.skip("permissions are not enforced here (running as root): a directory of mode 0o555 stays writable")
+    yield path
+    path.chmod(0o755)  # so that pytest can remove it
+
+
+def no_space_left(*args, **kwargs):
+    """A writer (hf.atomic_file, hf.atomic_dir, ...) on a full disk: what the system raises, naming no file."""
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 TOY_SEED = 0  # the seed of the small world below; tests/test_toy.py rebuilds parts of it with this seed

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import train
+from conftest import no_space_left
 from train import TrainConfig
 from test_train import LLAMA3_TOKENIZER, SHARED, world  # noqa: F401 (fixture)
 
@@ -294,3 +295,30 @@ def test_the_limits_themselves_are_allowed():
                                    n_ultrachat=0, xstest_repeat=0, bucket=0, weight_decay=0.0, target_layers=(1,)))
     train.check_values(TrainConfig(device="cpu", seed=0))
     train.check_values(TrainConfig(device="cpu", seed=2**64 - 1))
+
+
+# -----------------------------------------------------------------------------
+# An output the system will not write: refused before anything runs where it can be known (permissions),
+# named in one line where it cannot (a full disk)
+
+GOOD = ["--steps", "1", "--batch-size", "4", "--target-layers", "2,4", "--n-ultrachat", "32"]
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_read_only_out_is_refused_before_anything_runs(world, read_only_dir, under):
+    out = read_only_dir / "out" if under else read_only_dir
+    done = train_cli("--model-path", world / "model", "--data-dir", world / "data", *GOOD, "--out", out)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == \
+        f"train.py: error: --out {out}: cannot write into {read_only_dir} (permission denied)"
+    assert not list(read_only_dir.iterdir())
+
+
+def test_full_disk_names_the_output(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.hf, "atomic_file", no_space_left)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model-path", str(world / "model"), "--data-dir", str(world / "data"), *GOOD, "--device", "cpu",
+                    "--out", str(out)])
+    assert e.value.code == f"train.py: error: --out {out}: could not write (No space left on device)"
+    assert not list(out.iterdir())  # the first file found no space

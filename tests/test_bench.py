@@ -14,7 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import data
 import flops
+import hf
 import losses
+from conftest import no_space_left
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,29 @@ def test_unwritable_out_is_refused_before_anything_runs(tmp_path, where):
     done = run_bench("--steps", "2", "--bucket", "2", "--flops-only", "--out", str(out))
     assert done.returncode != 0 and done.stdout == ""  # no record: it stopped before counting anything
     assert done.stderr.startswith(f"bench.py: error: --out {out}: ") and "Traceback" not in done.stderr
+
+
+def test_read_only_out_is_refused_before_anything_runs(read_only_dir):
+    out = read_only_dir / "record.json"
+    done = run_bench("--steps", "2", "--bucket", "2", "--flops-only", "--out", str(out))
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr == f"bench.py: error: --out {out}: cannot write into {read_only_dir} (permission denied)\n"
+
+
+def test_full_disk_names_the_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hf, "atomic_file", no_space_left)
+    out = tmp_path / "record.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--shape", "tiny", "--device", "cpu", "--steps", "2", "--bucket", "2", "--flops-only",
+                    "--out", str(out)])
+    assert e.value.code == f"bench.py: error: --out {out}: could not write (No space left on device)"
+    assert not out.exists()
+
+
+def test_missing_data_dir_is_named(tmp_path):
+    done = run_bench("--steps", "2", "--bucket", "2", "--flops-only", "--data-dir", str(tmp_path / "none"))
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr == f"bench.py: error: --data-dir {tmp_path / 'none'}: no such directory\n"
 
 
 def test_out_is_replaced_whole_and_survives_a_failed_run(tmp_path):

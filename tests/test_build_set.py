@@ -6,10 +6,12 @@ import pytest
 
 import build_set
 import data
-from conftest import SHARED
+import hf
+from conftest import SHARED, no_space_left
 
 REFUSAL_DIR = SHARED / "data" / "refusal_direction"
 HARMBENCH = SHARED / "data" / "harmbench_test.json"
+MISTRAL_TOKENIZER = SHARED / "tokenizers" / "mistral" / "tokenizer.model"
 
 
 def test_bleu_bounds_and_order():
@@ -120,3 +122,73 @@ def test_build_bad_input(tmp_path, script_fails):
     script_fails("data.py", *base, "--out", tmp_path / "o6", "--max-new-tokens", 100000,
                  match="--max-new-tokens 100000: expected fewer than the model's context of 2048 tokens")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())  # nothing half-written
+
+
+def model_dir(tmp_path, vocab_size=32000):
+    """A model directory whose weights are never read: a Llama config.json and Mistral's 32,000-piece
+    sentencepiece tokenizer."""
+    if not MISTRAL_TOKENIZER.is_file():
+        pytest.skip(f"{MISTRAL_TOKENIZER} not found: the real tokenizers live in ../shared")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "vocab_size": vocab_size, "max_position_embeddings": 2048}))
+    (model / "tokenizer.model").symlink_to(MISTRAL_TOKENIZER)
+    return model
+
+
+@pytest.mark.parametrize("flag", ["--harmful", "--harmless", "--exclude"])
+def test_build_refuses_deeply_nested_json_by_file(tmp_path, script_fails, flag):
+    harmful, harmless = instruction_files(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # json's parser recurses once per bracket
+    files = {"--harmful": harmful, "--harmless": harmless, flag: deep}
+    script_fails("data.py", "build", "--model-path", tmp_path / "model", *[x for kv in files.items() for x in kv],
+                 "--out", tmp_path / "set", match=f"{deep}: nested too deeply to read as JSON")
+    assert not (tmp_path / "set").exists()
+
+
+def test_build_refuses_a_tokenizer_larger_than_the_model_before_loading_it(tmp_path, script_fails):
+    harmful, harmless = instruction_files(tmp_path)
+    model = model_dir(tmp_path, vocab_size=1000)
+    script_fails("data.py", "build", "--model-path", model, "--harmful", harmful, "--harmless", harmless,
+                 "--out", tmp_path / "set", match=f"{model / 'tokenizer.model'}: 32000 tokens, but "
+                                                  f"{model / 'config.json'} gives the model 1000 embeddings")
+    assert not (tmp_path / "set").exists()
+
+
+def test_build_refuses_a_read_only_out_before_loading_the_model(tmp_path, read_only_dir, script_fails):
+    harmful, harmless = instruction_files(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    out = read_only_dir / "set"
+    script_fails("data.py", "build", "--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless,
+                 "--out", out, match=f"--out {out}: cannot write into {read_only_dir} (permission denied)")
+    assert not list(read_only_dir.iterdir())
+
+
+def test_build_on_a_full_disk_names_the_output(tmp_path, monkeypatch, capsys):
+    """Stand-ins for the model and its answers; the directory's writer finds no space left."""
+    harmful, harmless = instruction_files(tmp_path)
+    model = model_dir(tmp_path)
+
+    class StandIn:
+        def eval(self):
+            return self
+
+        def requires_grad_(self, flag):
+            return self
+
+    monkeypatch.setattr(hf, "load_model", lambda *a, **kw: StandIn())
+    monkeypatch.setattr(build_set, "answer", lambda model, tok, texts, *a: ["Here is how: first, gather the tools."]
+                        * len(texts))
+    monkeypatch.setattr(hf, "atomic_dir", no_space_left)
+    out = tmp_path / "set"
+    with pytest.raises(SystemExit) as e:
+        build_set.main(["build", "--model-path", str(model), "--harmful", str(harmful), "--harmless", str(harmless),
+                        "--out", str(out), "--n-val", "4"])
+    assert e.value.code == f"data.py: error: --out {out}: could not write (No space left on device)"
+    assert not out.exists()

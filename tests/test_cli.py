@@ -2,6 +2,8 @@
 loaded, and output files that are replaced whole or not at all."""
 
 import argparse
+import errno
+import os
 
 import pytest
 
@@ -48,3 +50,21 @@ def test_check_output(tmp_path):
         cli.check_output(tmp_path / "file" / "deeper" / "o.json", "--out")
     with pytest.raises(ValueError, match="--export .*: is a file; expected a directory"):
         cli.check_output(tmp_path / "file", "--export", directory=True)
+
+
+def test_check_output_refuses_a_read_only_directory(read_only_dir):
+    """The directory the output goes into: a file's, a missing directory's nearest existing one, or an
+    existing directory output itself."""
+    for path, directory in [(read_only_dir / "o.json", False), (read_only_dir / "new" / "deeper", True),
+                            (read_only_dir, True)]:
+        with pytest.raises(ValueError, match=f"--out {path}: cannot write into {read_only_dir} "
+                                             r"\(permission denied\)"):
+            cli.check_output(path, "--out", directory)
+
+
+def test_os_error_names_the_file_or_else_the_output():
+    assert cli.os_error(FileNotFoundError("data.json: no such file"), "--out", "o.json") == "data.json: no such file"
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES), "model/config.json")
+    assert cli.os_error(denied, "--out", "o.json") == "model/config.json: Permission denied"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert cli.os_error(full, "--out", "o.json") == "--out o.json: could not write (No space left on device)"

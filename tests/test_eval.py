@@ -21,7 +21,9 @@ import eval as ev  # noqa: E402
 import hf  # noqa: E402
 import layers  # noqa: E402
 import lora  # noqa: E402
+import toy  # noqa: E402
 import toy_eval  # noqa: E402
+from conftest import no_space_left  # noqa: E402
 from rates import rate_text, wilson  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -787,3 +789,98 @@ def test_embed_strong_runs_the_prefix_once_with_the_same_loss(model):
     torch.testing.assert_close(attacks.split_loss(model, split, free, torch.tensor([0, 1])), whole)
     torch.testing.assert_close(attacks.split_loss(model, split, free, torch.tensor([1])), whole[1:])
     torch.testing.assert_close(attacks.split_loss(model, split, free, torch.tensor([0, 1])), whole)  # cache kept
+
+
+# -----------------------------------------------------------------------------
+# Issue 24: each bad input below stopped the run with a traceback, with a line naming neither the file nor
+# the flag, or only after minutes of work
+
+
+def test_deeply_nested_benchmark_is_named(tiny, tmp_path, capsys, no_evaluation):
+    bench = tmp_path / "deep.json"
+    bench.write_text("[" * 100_000 + "]" * 100_000)
+    fails(["harmbench", "--model-path", str(tiny), "--benchmark", str(bench), "--out", str(tmp_path / "o.json")],
+          capsys, f"{bench}: nested too deeply to read as JSON")
+
+
+def test_tokenizer_larger_than_the_model_is_refused_before_loading_it(chat_model, cli_files, tmp_path, capsys,
+                                                                      no_evaluation):
+    small = tmp_path / "small"
+    small.mkdir()
+    for f in chat_model.iterdir():
+        (small / f.name).symlink_to(f)
+    (small / "config.json").unlink()
+    (small / "config.json").write_text(json.dumps({**json.loads((chat_model / "config.json").read_text()),
+                                                   "vocab_size": 1000}))
+    fails(["harmbench", "--model-path", str(small), "--benchmark", str(cli_files["bench"]), "--out",
+           str(tmp_path / "o.json")], capsys,
+          f"{small / 'tokenizer.model'}: 32000 tokens, but {small / 'config.json'} gives the model 1000 embeddings")
+
+
+def test_read_only_out_is_refused_before_loading_a_model(chat_model, cli_files, read_only_dir, capsys, no_evaluation):
+    out = read_only_dir / "o.json"
+    fails(["harmbench", "--model-path", str(chat_model), "--benchmark", str(cli_files["bench"]), "--out", str(out)],
+          capsys, f"--out {out}: cannot write into {read_only_dir} (permission denied)")
+
+
+def test_full_disk_names_the_output(chat_model, cli_files, tmp_path, capsys, monkeypatch):
+    """The answers are generated (their progress lines on stderr), then the results file finds no space."""
+    monkeypatch.setattr(hf, "atomic_file", no_space_left)
+    out = tmp_path / "o.json"
+    with pytest.raises(SystemExit) as e:
+        ev.main(["harmbench", "--model-path", str(chat_model), "--benchmark", str(cli_files["bench"]),
+                 "--max-new-tokens", "1", "--dtype", "fp32", "--device", "cpu", "--out", str(out)])
+    assert e.value.code == f"eval.py: error: --out {out}: could not write (No space left on device)"
+    assert "Traceback" not in capsys.readouterr().err and not out.exists()
+
+
+@pytest.fixture
+def no_world_built(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("a toy world was built before the input was checked")
+    monkeypatch.setattr(toy, "build_world", refuse)
+
+
+def test_toy_missing_adapter_is_refused_before_a_world_is_built(tmp_path, capsys, no_world_built):
+    fails(["toy", "--toy-root", str(tmp_path / "world"), "--adapter", str(tmp_path / "none"), "--device", "cpu",
+           "--out", str(tmp_path / "o.json")], capsys, f"{tmp_path / 'none'}: no such adapter directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_toy_root_that_is_a_file_is_refused_before_a_world_is_built(tmp_path, capsys, no_world_built):
+    (tmp_path / "file").write_text("mine\n")
+    fails(["toy", "--toy-root", str(tmp_path / "file"), "--device", "cpu", "--out", str(tmp_path / "o.json")],
+          capsys, f"--toy-root {tmp_path / 'file'}: is a file; expected a directory")
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
+def test_xstest_not_utf8_is_named_by_file_and_line(chat_model, tmp_path, capsys, no_evaluation):
+    bench = tmp_path / "xstest.csv"
+    bench.write_bytes(b"id,prompt,type\n0,How do I kill a process?,homonyms\n1,How do I k\xf6ll a Python process?,"
+                      b"homonyms\n")
+    fails(["xstest", "--model-path", str(chat_model), "--benchmark", str(bench), "--out", str(tmp_path / "o.json")],
+          capsys, f"{bench}: not UTF-8 text (line 3: byte 0xf6")
+
+
+def test_perplexity_data_in_the_wrong_turn_order_is_named_by_line(chat_model, cli_files, tmp_path, capsys,
+                                                                   no_evaluation):
+    chats = tmp_path / "chats.jsonl"
+    turn = {"role": "user", "content": "Hi"}
+    chats.write_text(json.dumps({"messages": [turn, {"role": "assistant", "content": "Hello"}]}) + "\n"
+                     + json.dumps({"messages": [turn, turn]}) + "\n")
+    fails(["perplexity", "--model-path", str(chat_model), "--adapter", str(cli_files["adapter"]), "--data", str(chats)],
+          capsys, f"{chats}: line 2: messages[1]: the llama2 template needs")
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--n-embed-strong", "-1"], "--n-embed-strong -1: must be at least 0"),
+    (["--embed-strong-solutions", "0"], "--embed-strong-solutions 0: must be at least 1"),
+    (["--embed-strong-gap", "0"], "--embed-strong-gap 0: must be at least 1"),
+    (["--embed-strong-steps", "0"], "--embed-strong-steps 0: must be at least 1"),
+])
+def test_chat_command_refuses_bad_strong_attack_flags(chat_model, cli_files, tmp_path, capsys, no_evaluation, flags,
+                                                      match):
+    (tmp_path / "benign.json").write_text(json.dumps([{"instruction": "Name a fruit"}]))
+    fails(["chat", "--model-path", str(chat_model), "--harmbench", str(cli_files["bench"]), "--benign",
+           str(tmp_path / "benign.json"), *flags, "--out", str(cli_files["earlier"])], capsys, match)
+    assert cli_files["earlier"].read_bytes() == EARLIER

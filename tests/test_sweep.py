@@ -8,9 +8,12 @@ import re
 
 import pytest
 
+import hf
 import sweep
 import toy
 import toy_eval
+import train
+from conftest import no_space_left
 from test_toy_eval import FAST, stand_in_search
 
 SEEDS = [1, 2]
@@ -117,3 +120,59 @@ def test_cli_refuses_a_bad_out_before_training(toy_world, tmp_path, script_fails
     script_fails("sweep.py", "--seeds", "1,2", "--model-path", toy_world / "model", "--data-dir", toy_world / "data",
                  "--out", out, match=match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.fixture
+def no_evaluation(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("bad input reached the base evaluation")
+    monkeypatch.setattr(sweep, "toy_evaluation", refuse)
+    monkeypatch.setattr(sweep, "chat_evaluation", refuse)
+
+
+def test_every_runs_training_data_is_checked_before_the_base_evaluation(toy_world, tmp_path, no_evaluation):
+    """The base evaluation takes minutes on a real model: bad data must stop the sweep before it."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'data' / 'circuit_breakers_train.json'}: "
+                                                          "no such file")):
+        sweep.run([1, 2], ["--model-path", str(toy_world / "model"), "--data-dir", str(tmp_path / "data")],
+                  tmp_path / "out" / "s.json")
+    with pytest.raises(ValueError, match="--batch-size 100000 is more than the"):
+        sweep.run([1, 2], ["--model-path", str(toy_world / "model"), "--data-dir", str(toy_world / "data"),
+                           "--batch-size", "100000"], tmp_path / "out" / "s.json")
+    assert not (tmp_path / "out").exists()
+
+
+def sweep_fails(argv, capsys) -> str:
+    """sweep.py's one error line, run in this process."""
+    with pytest.raises(SystemExit) as e:
+        sweep.main(argv)
+    assert isinstance(e.value.code, str) and "Traceback" not in capsys.readouterr().err
+    return e.value.code
+
+
+def test_negative_n_embed_strong_is_refused(toy_world, tmp_path, capsys, no_evaluation):
+    flags = ["--model-path", str(toy_world / "model"), "--data-dir", str(toy_world / "data")]
+    assert sweep_fails(["--seeds", "1", "--n-embed-strong", "-1", "--out", str(tmp_path / "s.json"), *flags],
+                       capsys) == "sweep.py: error: --n-embed-strong -1: must be at least 0"
+    assert not list(tmp_path.iterdir())
+
+
+def test_read_only_out_is_refused_before_anything_runs(toy_world, read_only_dir, capsys, no_evaluation):
+    out = read_only_dir / "s.json"
+    flags = ["--model-path", str(toy_world / "model"), "--data-dir", str(toy_world / "data")]
+    assert sweep_fails(["--seeds", "1", "--out", str(out), *flags], capsys) == \
+        f"sweep.py: error: --out {out}: cannot write into {read_only_dir} (permission denied)"
+
+
+def test_full_disk_names_the_output(toy_world, tmp_path, capsys, monkeypatch):
+    """Stand-ins for the evaluation and the training; the results file finds no space left."""
+    evaluation = {"benign_accuracy": 0.5}
+    monkeypatch.setattr(sweep, "toy_evaluation", lambda *a: (evaluation, lambda cfg: evaluation, {}))
+    monkeypatch.setattr(train, "train", lambda cfg: None)
+    monkeypatch.setattr(hf, "atomic_file", no_space_left)
+    out = tmp_path / "s.json"
+    flags = ["--model-path", str(toy_world / "model"), "--data-dir", str(toy_world / "data")]
+    assert sweep_fails(["--seeds", "1", "--out", str(out), *flags], capsys) == \
+        f"sweep.py: error: --out {out}: could not write (No space left on device)"
+    assert not out.exists()

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import data
 import hf
 import toy
+from conftest import no_space_left
 from tokenizer import Tokenizer
 
 SEED = 0  # conftest.py's TOY_SEED: the small world's
@@ -240,3 +241,17 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"--seed {2**64}: expected a whole number from 0 to 2**64 - 1")):
         toy.build_world(tmp_path / "toy", size="small", seed=2**64)
     assert not list(tmp_path.iterdir())  # nothing half-built is left behind
+
+
+def test_root_under_a_file_is_refused_in_one_line(tmp_path, script_fails):
+    (tmp_path / "file").write_text("mine\n")
+    script_fails("toy.py", "--root", tmp_path / "file" / "toy",
+                 match=f"--root {tmp_path / 'file' / 'toy'}: {tmp_path / 'file'} is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
+def test_full_disk_names_the_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "build_world", no_space_left)
+    with pytest.raises(SystemExit) as e:
+        toy.main(["--root", str(tmp_path / "toy")])
+    assert e.value.code == f"toy.py: error: --root {tmp_path / 'toy'}: could not write (No space left on device)"
