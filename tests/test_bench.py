@@ -171,7 +171,7 @@ def test_generation_mode_is_token_for_token_transformers(tmp_path, smollm2_model
     for r in record["results"]:
         assert r["identical"] and r["rows_differing"] == 0 and r["ratio"] > 0
         assert r["ours"]["tokens_per_s"] > 0 and r["transformers"]["ms_per_token"] > 0
-    assert record["results"][0]["prompt_lengths"][0] > record["results"][0]["prompt_lengths"][1] > 0
+    assert len(record["results"][0]["prompt_lengths"]) == 2 and min(record["results"][0]["prompt_lengths"]) > 20
 
 
 def test_generation_mode_needs_its_files():
