@@ -174,8 +174,21 @@ def test_generation_mode_is_token_for_token_transformers(tmp_path, smollm2_model
     assert len(record["results"][0]["prompt_lengths"]) == 2 and min(record["results"][0]["prompt_lengths"]) > 20
 
 
-def test_generation_mode_needs_its_files():
-    done = subprocess.run([sys.executable, "bench.py", "--generate", "--device", "cpu"], cwd=ROOT,
+@pytest.mark.parametrize("flags, match", [
+    ([], "--generate needs --model-path DIR and --instructions FILE"),
+    (["--model-path", "{tmp}/none", "--instructions", "{tmp}/i.json"], "none"),
+    (["--model-path", "{model}", "--instructions", "{tmp}/i.json", "--repeats", "0"], "--repeats 0: must be at least 1"),
+    (["--model-path", "{model}", "--instructions", "{tmp}/i.json", "--max-new-tokens", "0"],
+     "--max-new-tokens 0: must be at least 1"),
+    (["--model-path", "{model}", "--instructions", "{tmp}/i.json", "--gen-batch-sizes", "4", "0"],
+     "--gen-batch-sizes 0: must be at least 1"),
+])
+def test_generation_mode_refuses_bad_flags_before_loading(tmp_path, flags, match):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "i.json").write_text(json.dumps([{"instruction": "Hi"}]))
+    argv = [f.format(tmp=tmp_path, model=tmp_path / "model") for f in flags]
+    done = subprocess.run([sys.executable, "bench.py", "--generate", "--device", "cpu", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "--generate needs --model-path DIR and --instructions FILE" in done.stderr
+    assert done.returncode != 0 and "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.startswith("bench.py: error: ") and match in done.stderr, done.stderr

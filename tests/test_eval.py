@@ -744,6 +744,7 @@ def cli_files(chat_model, tmp_path):
      "--embed-strong-steps 0: must be at least 1"),
     (["--out", "{earlier}", "--attack", "embed_strong", "--embed-strong-solutions", "0"],
      "--embed-strong-solutions 0: must be at least 1"),
+    (["--out", "{earlier}", "--spread", "0"], "--spread 0: must be at least 1"),
     (["--out", "{earlier}", "--attack", "embed", "--embed-lr", "nan"], "--embed-lr nan: expected a positive finite"),
     (["--out", "{earlier}", "--attack", "embed_strong", "--embed-strong-lr", "nan"],
      "--embed-strong-lr nan: expected a positive finite"),
