@@ -272,9 +272,9 @@ def evaluate_harmbench(model_path, benchmark, *, adapter=None, attack="direct", 
     records = [{"behavior": it["behavior"], "context": it["context"], **r, "score": s, "outcome": outcome(g)}
                for it, r, s, g in zip(sampled, results, scores, generations)]
     # The rates count one answer per behaviour and sample: for embed_strong, a success of any solution's.
-    solved = best_of_k([s == 1 for s in scores], solutions(attack, cfg))
-    splits = {name: (sum(successes), len(successes))
-              for name, successes in harmbench_splits(records, solutions(attack, cfg))}
+    by_split = dict(harmbench_splits(records, solutions(attack, cfg)))
+    solved = by_split["all"]
+    splits = {name: (sum(successes), len(successes)) for name, successes in by_split.items()}
     return {"benchmark": "harmbench", "attack": attack, "judge": judge,
             "asr": sum(solved) / len(solved), "n": len(solved), "solutions": solutions(attack, cfg),
             "samples": cfg.samples, "decoding": decoding(cfg), **sampled_rates(solved, cfg.samples),
