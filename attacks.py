@@ -39,7 +39,6 @@ import torch.nn.functional as F
 import cli
 import hf
 import refusal
-from rates import best_of_k
 from model import KVCache
 from tokenizer import LLAMA3_FORMATS, Tokenizer, template_tail
 
@@ -99,12 +98,17 @@ class AttackConfig:
     seed: int = field(default=0, metadata={"help": "seed of the sampling draws"})
 
 
+# The least value of each counting setting; commands check them before any model loads (cli.check_flags).
+ATTACK_MINIMUMS = {"batch_size": 1, "max_new_tokens": 1, "embed_tokens": 1, "embed_steps": 0, "embed_strong_steps": 1,
+                   "embed_strong_solutions": 1, "embed_strong_gap": 1, "samples": 1}
+
+
 def add_attack_flags(p, base: AttackConfig, names=None):
     """AttackConfig's fields (or those in `names`) as flags; one left out keeps `base`'s value."""
     for f in fields(AttackConfig):
         if names is not None and f.name not in names:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = cli.as_flag(f.name)
         if isinstance(f.default, tuple):
             p.add_argument(flag, type=int, nargs="+", help=f.metadata["help"])
         else:
@@ -159,7 +163,7 @@ def check_decoding(cfg: AttackConfig):
 # 2. The model under attack: a checkpoint and an optional adapter; its memory returned after
 
 
-def load_model(model_path, adapter=None, dtype=torch.bfloat16, device="cpu", merge=True):
+def load_evaluated(model_path, adapter=None, dtype=torch.bfloat16, device="cpu", merge=True):
     """-> (model, tokenizer). The adapter is merged unless merge=False (the analyses switch it off)."""
     model = hf.load_model(model_path, dtype=dtype, device=device, adapter=adapter, merge=merge).eval()
     model.requires_grad_(False)  # attacks differentiate with respect to their inputs only
@@ -587,12 +591,6 @@ def attack_embed(model, tok, items, cfg, strong=False):
     return [{"prompt": it["messages"][-1]["content"], "generation": text[i, j, k], "sample": k, "solution": j,
              "embed_loss": round(s["loss"], 5), "embed_steps": s["step"]}
             for i, it in enumerate(items) for k in range(cfg.samples) for j, s in enumerate(found[i])]
-
-
-def any_solution(successes: list[bool], attack: str, cfg: AttackConfig) -> list[bool]:
-    """Per item and sample, whether the answer to any of its solutions succeeded: the unit an attack's
-    rate counts (for every attack but embed_strong, the answer itself)."""
-    return best_of_k(successes, solutions(attack, cfg))
 
 
 # -----------------------------------------------------------------------------

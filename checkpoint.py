@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+import cli
 import hf
 
 
@@ -81,7 +82,8 @@ def check_resumable(cfg, found: Checkpoint):
         def was(name):
             return show(found.config[name]) if name in found.config else "(not recorded)"
         raise ValueError(f"--resume: {found.path / 'trainer.json'} was written with other settings: "
-                         + "; ".join(f"{'--' + name.replace('_', '-')} {was(name)} there, {show(now[name])} now" for name in changed)
+                         + "; ".join(f"{cli.as_flag(name)} {was(name)} there, {show(now[name])} now"
+                                     for name in changed)
                          + ". Resume with the checkpoint's values, or train afresh into another --out")
 
 

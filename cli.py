@@ -27,12 +27,22 @@ def call(fn, args, **values):
     return fn(**{k: v for k, v in vars(args).items() if k in names}, **values)
 
 
+def add_model_flags(p, adapter_required=False, required=True):
+    """The flags of the model under evaluation."""
+    p.add_argument("--model-path", required=required, help="base model directory (HF format)")
+    p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory from train.py")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES], help="auto: bf16 on CUDA, fp32 on CPU")
+
+
 def check_device(device: str):
     """Refuse a device that does not parse, or a GPU this machine does not have."""
     try:
         d = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device}: not a device; expected cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected cpu, cuda or cuda:N")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():

@@ -443,6 +443,13 @@ def collate(examples: list[Example], pad_id: int, side: str = "right",
             pad([e.loss_mask for e in examples], 0, side, length))
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts to generate from -> tokens and attention mask, each (B, T): left padding keeps every prompt's
+    last token at the same position, where the next token is read; model.py counts positions over real
+    tokens, so the padding changes nothing."""
+    return pad(prompts, pad_id, "left"), pad([[1] * len(p) for p in prompts], 0, "left")
+
+
 def pack_rows(examples: list[Example], pad_id: int, multiple: int = PACK_MULTIPLE):
     """((tokens, mask, loss_mask), lengths): the rows one after another, each tensor (1, N) long with N the
     total length rounded up to a multiple of `multiple` (the tail is padding, mask 0), and each row's length."""
@@ -481,6 +488,8 @@ def pad(rows: list[list[int]], value: int, side: str = "right", length: int | No
     return torch.tensor(padded, dtype=torch.long)  # (B, T)
 
 
-if __name__ == "__main__":
-    import build_set  # `python data.py build ...`: a circuit-breaker set written by a model (build_set.py)
-    build_set.main()
+def evenly_spaced(items: list, n: int) -> list:
+    """n of the items (all, if fewer), evenly spaced from the first: HarmBench's behaviours come grouped by
+    category, so the first n would cover a few categories only."""
+    n = min(n, len(items))
+    return [items[i * len(items) // n] for i in range(n)] if n else []

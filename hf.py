@@ -15,7 +15,8 @@ A model directory, as the hub ships it and transformers' from_pretrained loads i
     model-00001-of-0000N.safetensors ... + model.safetensors.index.json
                         the same in shards; the index is {"metadata": {"total_size": bytes},
                         "weight_map": {tensor name: shard file}}
-    tokenizer files     read by data.py; copied along when a model is exported (TOKENIZER_FILES)
+    tokenizer files     read by tokenizer.py (Tokenizer.from_pretrained); copied along when a model is
+                        exported (TOKENIZER_FILES)
 
 A tied model stores no lm_head.weight; the rotary_emb.inv_freq buffers of old checkpoints are skipped.
 Pickled weights (*.bin, *.pth, *.pt) are refused: unpickling can run code.

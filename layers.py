@@ -15,28 +15,20 @@ import torch
 import torch.nn.functional as F
 
 import hf
-from attacks import chat_prompt, load_model
-from data import load_circuit_breaker_set, load_ultrachat, pad
+from attacks import chat_prompt, load_evaluated
+from data import Example, collate, load_circuit_breaker_set, load_ultrachat
 from lora import lora_disabled
 
 
-def chat_examples(tok, pairs, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(request, response) pairs -> (token ids, response mask), capped in length."""
+def chat_examples(tok, pairs, max_length: int) -> list[Example]:
+    """(request, response) pairs -> examples whose loss mask is the response, capped in length."""
     out = []
     for request, response in pairs:
         prompt = chat_prompt(tok, [{"role": "user", "content": request}])
         ids = (prompt + tok.encode(response))[:max_length]
         if len(ids) > len(prompt):
-            out.append((ids, [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
+            out.append(Example(ids, len(prompt), [0] * len(prompt) + [1] * (len(ids) - len(prompt))))
     return out
-
-
-def padded(examples, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(token ids, mask) examples -> tokens, attention mask and the examples' masks, each (B, T), right-padded."""
-    tokens = pad([ids for ids, _ in examples], 0)
-    mask = pad([[1] * len(ids) for ids, _ in examples], 0)
-    keep = pad([m for _, m in examples], 0)
-    return tokens.to(device), mask.to(device), keep.to(device)
 
 
 @torch.no_grad()
@@ -46,7 +38,8 @@ def layer_cosines(model, examples, batch_size: int) -> list[float]:
     total, count = torch.zeros(n_hidden, dtype=torch.float64), 0
     device = model.model.embed_tokens.weight.device
     for start in range(0, len(examples), batch_size):
-        tokens, mask, response = padded(examples[start:start + batch_size], device)
+        batch = collate(examples[start:start + batch_size], pad_id=0)
+        tokens, mask, response = (t.to(device) for t in batch)  # (B, T) each
         with lora_disabled(model):
             _, base = model(tokens, mask, last_layer=n_hidden - 1)
         _, broken = model(tokens, mask, last_layer=n_hidden - 1)
@@ -71,7 +64,7 @@ def text_cosines(model, tok, texts: dict, max_length: int, batch_size: int) -> d
 def measure_layers(model_path, adapter, texts: dict, *, max_length=1024, batch_size=8, device="cpu",
                    dtype="auto") -> dict:
     """The layer cosines of `texts` ({"harmful": pairs, "benign": pairs}) under the adapter."""
-    model, tok = load_model(model_path, adapter, hf.pick_dtype(dtype, device), device, merge=False)
+    model, tok = load_evaluated(model_path, adapter, hf.pick_dtype(dtype, device), device, merge=False)
     cosines = text_cosines(model, tok, texts, max_length, batch_size)
     return {"layers": list(range(len(cosines["harmful"]))), **cosines}
 

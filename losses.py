@@ -39,8 +39,6 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-import refusal
-
 
 # ----------------------------------------------------------------------------------------------------
 # Small pieces
@@ -237,10 +235,13 @@ def cosine_metric(h_new, h_orig, mask: Tensor) -> float:
 @dataclass
 class LossContext:
     """What a variant may read: the model being trained (LoRA applied; `lora_disabled` gives the frozen
-    one), its tokenizer, and the resolved TrainConfig (target_layers, seed, direction, ...)."""
+    one), its tokenizer, the resolved TrainConfig (target_layers, seed, ...), and the directions of the
+    --direction file, one unit vector per target layer ((L, D) fp32; None without the flag), which train.py
+    reads with refusal.target_directions."""
     model: torch.nn.Module
     tokenizer: object
     config: object
+    directions: Tensor | None = None
 
 
 Term = Callable[[list[Tensor], list[Tensor], Tensor], Tensor]  # (h_new, h_orig, mask) -> scalar
@@ -262,12 +263,9 @@ def build_random(ctx: LossContext) -> Term:
 
 
 def build_direction(ctx: LossContext) -> Term:
-    if not ctx.config.direction:
+    if ctx.directions is None:
         raise ValueError("--loss direction needs --direction FILE (a direction file, e.g. from refusal.py)")
-    args = ctx.model.args
-    directions = refusal.target_directions(ctx.config.direction, list(ctx.config.target_layers), args.dim,
-                                           args.n_layers)
-    return partial(direction_loss, directions=directions)
+    return partial(direction_loss, directions=ctx.directions)
 
 
 def build_eot(ctx: LossContext) -> Term:

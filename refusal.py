@@ -69,7 +69,7 @@ from safetensors import safe_open
 
 import cli
 import hf
-from data import load_instructions, pad
+from data import left_padded, load_instructions
 from tokenizer import Tokenizer, template_tail
 
 # The first token of a typical refusal ("I cannot ...", "I'm sorry ..."), as in the paper for Llama-2/3.
@@ -126,14 +126,6 @@ def default_refusal_texts(model_dir) -> list[str]:
     return list(DEFAULT_REFUSAL_TEXTS)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> tokens (B, T), mask (B, T). Left padding keeps every prompt's last tokens at the same
-    positions from the end; model.py counts positions over real tokens, so padding changes nothing."""
-    tokens = pad(prompts, pad_id, "left")
-    mask = pad([[1] * len(p) for p in prompts], 0, "left")
-    return tokens.to(device), mask.to(device)
-
-
 def _device(model) -> torch.device:
     return model.model.embed_tokens.weight.device
 
@@ -149,7 +141,7 @@ def mean_hiddens(model, prompts: list[list[int]], n_positions: int, batch_size: 
     -> (P, L+1, D) float64. Sums are kept in float64 so thousands of bf16 states average exactly."""
     total = None
     for i in range(0, len(prompts), batch_size):
-        tokens, mask = left_pad(prompts[i:i + batch_size], pad_id, _device(model))
+        tokens, mask = (t.to(_device(model)) for t in left_padded(prompts[i:i + batch_size], pad_id))
         _, hiddens = model(tokens, mask, last_layer=len(model.model.layers))  # L+1 x (B, T, D)
         states = torch.stack([h[:, -n_positions:] for h in hiddens], dim=2)  # (B, P, L+1, D)
         batch_sum = states.double().sum(0)  # (P, L+1, D)
@@ -274,7 +266,7 @@ def last_logits(model, prompts: list[list[int]], batch_size: int = 32, pad_id: i
     head: a 128k vocabulary over every position would be most of the cost."""
     out = []
     for i in range(0, len(prompts), batch_size):
-        tokens, mask = left_pad(prompts[i:i + batch_size], pad_id, _device(model))
+        tokens, mask = (t.to(_device(model)) for t in left_padded(prompts[i:i + batch_size], pad_id))
         _, hiddens = model(tokens, mask, last_layer=len(model.model.layers))
         out.append(model.lm_head(model.model.norm(hiddens[-1][:, -1])).float())  # (B, V)
     return torch.cat(out)

@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -38,6 +39,7 @@ import cli
 import data
 import hf
 import losses
+import refusal
 from lora import TARGETS, apply_lora, lora_disabled, lora_modules
 from model import ModelArgs, Transformer
 
@@ -190,41 +192,22 @@ def check_values(cfg: TrainConfig, device_present: bool = True):
     for f in fields(cfg):
         value, allowed = getattr(cfg, f.name), f.metadata["choices"]
         if allowed and value not in allowed:
-            raise ValueError(f"{flag(f.name)} {value!r}: expected one of {list(allowed)}")
+            raise ValueError(f"{cli.as_flag(f.name)} {value!r}: expected one of {list(allowed)}")
         if f.name in LIMITS and not LIMITS[f.name][0](value):
-            raise ValueError(f"{flag(f.name)} {value}: expected {LIMITS[f.name][1]}")
+            raise ValueError(f"{cli.as_flag(f.name)} {value}: expected {LIMITS[f.name][1]}")
     if not cfg.target_layers or min(cfg.target_layers) < 1:
-        raise ValueError(f"{flag('target_layers')} {_show(cfg.target_layers)!r}: expected hidden-state indices "
+        raise ValueError(f"{cli.as_flag('target_layers')} {_show(cfg.target_layers)!r}: expected hidden-state indices "
                          "from 1 (0 is the embeddings, which LoRA cannot move), comma-separated")
     if cfg.lora_layers and min(cfg.lora_layers) < 0:
-        raise ValueError(f"{flag('lora_layers')} {_show(cfg.lora_layers)}: expected block indices from 0")
+        raise ValueError(f"{cli.as_flag('lora_layers')} {_show(cfg.lora_layers)}: expected block indices from 0")
     if cfg.micro_batch > cfg.batch_size:
         raise ValueError(f"--micro-batch {cfg.micro_batch}: expected at most --batch-size ({cfg.batch_size})")
     unknown = [t for t in cfg.lora_targets if t not in TARGETS]
     if not cfg.lora_targets or unknown:
-        raise ValueError(f"{flag('lora_targets')} {_show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")
+        raise ValueError(f"{cli.as_flag('lora_targets')} {_show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")
     cli.check_seed(cfg.seed)
     if device_present:
-        check_device(cfg.device)
-
-
-def check_device(device: str):
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch finds no CUDA GPU here (use --device cpu)")
-    index = torch.device(device).index
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA GPUs")
-
-
-def flag(name: str) -> str:
-    """A TrainConfig field's command-line flag: lora_r -> --lora-r."""
-    return "--" + name.replace("_", "-")
+        cli.check_device(cfg.device)
 
 
 # -----------------------------------------------------------------------------
@@ -236,6 +219,18 @@ def n_blocks_needed(cfg: TrainConfig) -> int:
     the official retain loss also reads the output of every LoRA block, as the official code truncates
     the model to max(target) + 1 blocks. Nothing deeper is ever loaded."""
     return max(max(cfg.target_layers), max(cfg.lora_layers) + 1)
+
+
+def ensure_toy_world(root: Path):
+    """The toy preset's world, built once by its own tool (tools/toy.py, minutes on one thread) when missing:
+    the quickstart is then a single command."""
+    if (root / "world.json").is_file():
+        return
+    tool = Path(__file__).resolve().parent / "tools" / "toy.py"
+    print(f"{root}: no toy world yet; building it with tools/toy.py (about five minutes)", flush=True)
+    done = subprocess.run([sys.executable, str(tool), "--root", str(root)])
+    if done.returncode != 0:
+        raise ValueError(f"{root}: the toy world could not be built (tools/toy.py exited with {done.returncode})")
 
 
 def check_model_dir(cfg: TrainConfig):
@@ -261,7 +256,7 @@ def check_model(cfg: TrainConfig) -> ModelArgs:
     return args
 
 
-def load_model(cfg: TrainConfig) -> Transformer:
+def build_model(cfg: TrainConfig) -> Transformer:
     model = hf.load_model(cfg.model_path, dtype=hf.pick_dtype(cfg.dtype, cfg.device), device=cfg.device,
                           n_layers=n_blocks_needed(cfg), lm_head=False)  # training never reads logits
     return prepare_model(model, cfg)
@@ -324,8 +319,13 @@ def val_batches(cfg: TrainConfig, val, pad_id: int):
 
 
 def rerouting_term(cfg: TrainConfig, model, tokenizer):
-    """The rerouting term of --loss, built once from losses.LOSSES: (h_new, h_orig, mask) -> scalar."""
-    return losses.LOSSES[cfg.loss].build(losses.LossContext(model, tokenizer, cfg))
+    """The rerouting term of --loss, built once from losses.LOSSES: (h_new, h_orig, mask) -> scalar. The
+    --direction file, when given, is read here: a loss gets its directions as values."""
+    directions = None
+    if cfg.direction:
+        directions = refusal.target_directions(cfg.direction, list(cfg.target_layers), model.args.dim,
+                                               model.args.n_layers)  # (L, D)
+    return losses.LOSSES[cfg.loss].build(losses.LossContext(model, tokenizer, cfg, directions))
 
 
 def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
@@ -466,7 +466,7 @@ def train(cfg: TrainConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer, (cb, retain, val), resume_from = check_run(cfg)
-    model = load_model(cfg)
+    model = build_model(cfg)
     rerouting = rerouting_term(cfg, model, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -538,8 +538,7 @@ def check_run(cfg: TrainConfig):
     if resume_from:
         checkpoint.check_resumable(cfg, resume_from)
     if cfg.model == "toy":
-        import toy  # builds the toy world on first use
-        toy.ensure_world(Path(cfg.model_path).parent)
+        ensure_toy_world(Path(cfg.model_path).parent)
     check_model(cfg)
     tokenizer = hf.load_tokenizer(cfg.model_path)
     cb, retain, val = load_data(cfg, tokenizer)
@@ -603,10 +602,10 @@ def parse_args(argv=None) -> TrainConfig:
         default, choices = defaults[f.name], f.metadata["choices"]
         shown = f" (default: {_show(default)})"
         if f.type in (bool, "bool", bool | None, "bool | None"):
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            parser.add_argument(cli.as_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f.metadata["help"] + shown)
         else:
-            parser.add_argument(flag(f.name), type=_parser_for(f.default), default=argparse.SUPPRESS,
+            parser.add_argument(cli.as_flag(f.name), type=_parser_for(f.default), default=argparse.SUPPRESS,
                                 choices=choices, help=f.metadata["help"] + shown)
     given = vars(parser.parse_args(argv))
     return TrainConfig(**{**PRESETS[model], **given})

@@ -1,3 +1,7 @@
+"""Fixtures every test file shares: commands that must fail in one line, a read-only directory, a full disk,
+and the small toy world and SmolLM2, each built once per run. (pytest.ini puts the root and tools/ on the
+import path, as the commands themselves have them.)"""
+
 import dataclasses
 import errno
 import os
@@ -24,7 +28,7 @@ def script_fails():
         proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True,
                               text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith(f"{script}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"{Path(script).name}: error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert match in proc.stderr, proc.stderr
     return check
 

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import pytest
 import torch
 
+import cli
 import train
 from conftest import no_space_left
 from train import TrainConfig
@@ -197,9 +198,9 @@ CASES = {
     "lora layers deeper than the model": flags(
         "--lora-layers", "0,25", says=r"--lora-layers 0,25: expected block indices 0\.\.21 \(.*model/config\.json"),
     # the device
-    "device gpu": flags("--device", "gpu", says=r"--device 'gpu': expected cpu, cuda or cuda:N"),
+    "device gpu": flags("--device", "gpu", says=r"--device gpu: not a device; expected cpu, cuda or cuda:N"),
     "device cuda": flags("--device", "cuda" if NO_GPU else "cuda:99",
-                         says=r"--device cuda: torch finds no CUDA GPU" if NO_GPU else r"--device cuda:99: there are"),
+                         says=r"--device cuda: no CUDA GPU is available here" if NO_GPU else r"--device cuda:99: this machine has"),
     # the output directory and --resume
     "out is a file": out_is_a_file,
     "out under a file": out_under_a_file,
@@ -286,7 +287,7 @@ def test_refused_in_one_line_and_the_output_is_untouched(outcomes, case):
     ("seed", 2**64), ("seed", -1),
 ])
 def test_values_no_run_can_use_are_refused_by_flag(field, value):
-    with pytest.raises(ValueError, match="^" + re.escape(train.flag(field)) + " "):
+    with pytest.raises(ValueError, match="^" + re.escape(cli.as_flag(field)) + " "):
         train.check_values(TrainConfig(**{"device": "cpu", field: value}))
 
 

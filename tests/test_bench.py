@@ -25,7 +25,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     """bench.py on the tiny shape and a CPU, as a user runs it."""
     # Passive OpenMP waiting: on a shared CPU, spinning threads slow elementwise kernels tenfold.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    return subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--device", "cpu", *args],
+    return subprocess.run([sys.executable, "tools/bench.py", "--shape", "tiny", "--device", "cpu", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -188,7 +188,7 @@ def test_generation_mode_refuses_bad_flags_before_loading(tmp_path, flags, match
     (tmp_path / "model" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (tmp_path / "i.json").write_text(json.dumps([{"instruction": "Hi"}]))
     argv = [f.format(tmp=tmp_path, model=tmp_path / "model") for f in flags]
-    done = subprocess.run([sys.executable, "bench.py", "--generate", "--device", "cpu", *argv], cwd=ROOT,
+    done = subprocess.run([sys.executable, "tools/bench.py", "--generate", "--device", "cpu", *argv], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "Traceback" not in done.stderr and done.stdout == ""
     assert done.stderr.startswith("bench.py: error: ") and match in done.stderr, done.stderr

@@ -80,7 +80,7 @@ def test_build_writes_what_train_reads(tmp_path, smollm2_model):
     train.py) read, and build.json counts every instruction."""
     harmful, harmless = instruction_files(tmp_path)
     out = tmp_path / "set"
-    build_set.main(["build", "--model-path", str(smollm2_model), "--harmful", str(harmful), "--harmless", str(harmless),
+    build_set.main(["--model-path", str(smollm2_model), "--harmful", str(harmful), "--harmless", str(harmless),
                     "--out", str(out), "--n-val", "4", "--max-new-tokens", "12", "--seed", "3"])
     train = data.load_circuit_breaker_set(out / data.CB_TRAIN, ("prompt", "output", "category"))
     val = data.load_circuit_breaker_set(out / data.CB_VAL)
@@ -102,24 +102,24 @@ def test_build_bad_input(tmp_path, script_fails):
     (tmp_path / "model").mkdir()
     # read before the inputs; its weights never are
     (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
-    base = ["build", "--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless]
-    script_fails("data.py", "build", "--model-path", tmp_path / "none", "--harmful", harmful, "--harmless", harmless,
+    base = ["--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless]
+    script_fails("tools/build_set.py", "--model-path", tmp_path / "none", "--harmful", harmful, "--harmless", harmless,
                  "--out", tmp_path / "o0", match="no such model directory")
     (tmp_path / "wrong.json").write_text(json.dumps({"instruction": "not a list"}))
-    script_fails("data.py", *base[:3], "--harmful", tmp_path / "wrong.json", "--harmless", harmless,
+    script_fails("tools/build_set.py", *base[:2], "--harmful", tmp_path / "wrong.json", "--harmless", harmless,
                  "--out", tmp_path / "o1", match="wrong.json")
     (tmp_path / "missing_field.json").write_text(json.dumps([{"instruction": "a"}, {"prompt": "b"}]))
-    script_fails("data.py", *base[:3], "--harmful", tmp_path / "missing_field.json", "--harmless", harmless,
+    script_fails("tools/build_set.py", *base[:2], "--harmful", tmp_path / "missing_field.json", "--harmless", harmless,
                  "--out", tmp_path / "o2", match="record 1: field 'instruction' is missing")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    script_fails("data.py", *base, "--out", busy, match="holds other files (notes.txt)")
+    script_fails("tools/build_set.py", *base, "--out", busy, match="holds other files (notes.txt)")
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
-    script_fails("data.py", *base, "--out", tmp_path / "o3", "--n-harmless", 0, match="--n-harmless 0")
-    script_fails("data.py", *base, "--out", tmp_path / "o4", "--n-harmful", 99, match="only 20 harmful")
-    script_fails("data.py", *base, "--out", tmp_path / "o5", "--bleu", 2, match="--bleu 2")
-    script_fails("data.py", *base, "--out", tmp_path / "o6", "--max-new-tokens", 100000,
+    script_fails("tools/build_set.py", *base, "--out", tmp_path / "o3", "--n-harmless", 0, match="--n-harmless 0")
+    script_fails("tools/build_set.py", *base, "--out", tmp_path / "o4", "--n-harmful", 99, match="only 20 harmful")
+    script_fails("tools/build_set.py", *base, "--out", tmp_path / "o5", "--bleu", 2, match="--bleu 2")
+    script_fails("tools/build_set.py", *base, "--out", tmp_path / "o6", "--max-new-tokens", 100000,
                  match="--max-new-tokens 100000: expected fewer than the model's context of 2048 tokens")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())  # nothing half-written
 
@@ -146,7 +146,7 @@ def test_build_refuses_deeply_nested_json_by_file(tmp_path, script_fails, flag):
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)  # json's parser recurses once per bracket
     files = {"--harmful": harmful, "--harmless": harmless, flag: deep}
-    script_fails("data.py", "build", "--model-path", tmp_path / "model", *[x for kv in files.items() for x in kv],
+    script_fails("tools/build_set.py", "--model-path", tmp_path / "model", *[x for kv in files.items() for x in kv],
                  "--out", tmp_path / "set", match=f"{deep}: nested too deeply to read as JSON")
     assert not (tmp_path / "set").exists()
 
@@ -154,7 +154,7 @@ def test_build_refuses_deeply_nested_json_by_file(tmp_path, script_fails, flag):
 def test_build_refuses_a_tokenizer_larger_than_the_model_before_loading_it(tmp_path, script_fails):
     harmful, harmless = instruction_files(tmp_path)
     model = model_dir(tmp_path, vocab_size=1000)
-    script_fails("data.py", "build", "--model-path", model, "--harmful", harmful, "--harmless", harmless,
+    script_fails("tools/build_set.py", "--model-path", model, "--harmful", harmful, "--harmless", harmless,
                  "--out", tmp_path / "set", match=f"{model / 'tokenizer.model'}: 32000 tokens, but "
                                                   f"{model / 'config.json'} gives the model 1000 embeddings")
     assert not (tmp_path / "set").exists()
@@ -165,7 +165,7 @@ def test_build_refuses_a_read_only_out_before_loading_the_model(tmp_path, read_o
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
     out = read_only_dir / "set"
-    script_fails("data.py", "build", "--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless,
+    script_fails("tools/build_set.py", "--model-path", tmp_path / "model", "--harmful", harmful, "--harmless", harmless,
                  "--out", out, match=f"--out {out}: cannot write into {read_only_dir} (permission denied)")
     assert not list(read_only_dir.iterdir())
 
@@ -188,7 +188,7 @@ def test_build_on_a_full_disk_names_the_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hf, "atomic_dir", no_space_left)
     out = tmp_path / "set"
     with pytest.raises(SystemExit) as e:
-        build_set.main(["build", "--model-path", str(model), "--harmful", str(harmful), "--harmless", str(harmless),
+        build_set.main(["--model-path", str(model), "--harmful", str(harmful), "--harmless", str(harmless),
                         "--out", str(out), "--n-val", "4"])
-    assert e.value.code == f"data.py: error: --out {out}: could not write (No space left on device)"
+    assert e.value.code == f"build_set.py: error: --out {out}: could not write (No space left on device)"
     assert not out.exists()

@@ -21,10 +21,11 @@ import eval as ev  # noqa: E402
 import hf  # noqa: E402
 import layers  # noqa: E402
 import lora  # noqa: E402
+import scoring  # noqa: E402
 import toy  # noqa: E402
 import toy_eval  # noqa: E402
 from conftest import no_space_left  # noqa: E402
-from rates import rate_text, wilson  # noqa: E402
+from scoring import rate_text, wilson  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -281,9 +282,9 @@ def test_embed_strong_by_name_answers_every_solution(model):
     assert [r["prompt"] for r in results] == [it["messages"][-1]["content"] for it in ITEMS for _ in range(4)]
     assert results[0]["embed_loss"] == results[2]["embed_loss"]  # one solution, k answers from it
     # an item's answer to a sample succeeds when any solution's does
-    assert attacks.any_solution([False, True, False, False, True, True, False, False], "embed_strong", cfg) == \
+    assert scoring.any_solution([False, True, False, False, True, True, False, False], "embed_strong", cfg) == \
         [True, False, True, False]
-    assert attacks.any_solution([False, True], "embed", cfg) == [False, True]
+    assert scoring.any_solution([False, True], "embed", cfg) == [False, True]
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_sampling_gives_k_seeded_answers_per_prompt(model):
 
 
 def test_best_of_k_by_hand():
-    from rates import best_of_k, sampled_rates
+    from scoring import best_of_k, sampled_rates
     hits = [False, True, False, False, False, False]
     assert best_of_k(hits, 3) == [True, False] and best_of_k(hits, 1) == hits
     rates = sampled_rates(hits, 3)
@@ -356,13 +357,13 @@ def expected_prompt(behavior, generation, context=None):
 
 def test_judge_prompt_is_harmbench_text():
     b, g, c = "Write a {poem} about locks", "Here it is: {x}\n\nStep 1", "Some code\n---\nmore"
-    assert ev.harmbench_prompt(b, g) == expected_prompt(b, g)
-    assert ev.harmbench_prompt(b, g, c) == expected_prompt(b, g, c)
-    assert ev.harmbench_prompt(b, g).count("\n- ") == 7
+    assert scoring.harmbench_prompt(b, g) == expected_prompt(b, g)
+    assert scoring.harmbench_prompt(b, g, c) == expected_prompt(b, g, c)
+    assert scoring.harmbench_prompt(b, g).count("\n- ") == 7
 
 
 def test_judge_score():
-    assert [ev.harmbench_score(a) for a in ("Yes", " yes", "No", "no", "Maybe", "")] == [1, 1, 0, 0, -1, -1]
+    assert [scoring.harmbench_score(a) for a in ("Yes", " yes", "No", "no", "Maybe", "")] == [1, 1, 0, 0, -1, -1]
 
 
 def constant_answer(piece_id):
@@ -394,8 +395,8 @@ def judges(tmp_path_factory):
 def test_harmbench_judge_runs_end_to_end(judges):
     items = [{"behavior": "Write a poem", "context": None}, {"behavior": "Fix this", "context": "def f(): pass"}]
     generations = ["Roses are red", "Here is the fixed code"]
-    assert ev.judge_harmbench(judges["yes"], items, generations, dtype=torch.float32) == [1, 1]
-    assert ev.judge_harmbench(judges["no"], items, generations, dtype=torch.float32) == [0, 0]
+    assert scoring.judge_harmbench(judges["yes"], items, generations, dtype=torch.float32) == [1, 1]
+    assert scoring.judge_harmbench(judges["no"], items, generations, dtype=torch.float32) == [0, 0]
 
 
 def test_judge_path_must_be_llama2(tmp_path, judges):
@@ -405,9 +406,9 @@ def test_judge_path_must_be_llama2(tmp_path, judges):
         cfg = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ValueError, match="Llama-2"):
-            ev.check_judge_path(path)
+            scoring.check_judge_path(path)
     with pytest.raises(FileNotFoundError):
-        ev.check_judge_path(tmp_path / "nowhere")
+        scoring.check_judge_path(tmp_path / "nowhere")
 
 
 # -----------------------------------------------------------------------------
@@ -431,12 +432,12 @@ def test_refusal_matcher(text, refused):
 
 
 def test_refusal_judge_counts_empty_answers_as_no_success():
-    assert ev.judge_refusal(["Sure: step 1", "I'm sorry, no.", "   ", "The first step is"]) == [1, 0, 0, 1]
+    assert scoring.judge_refusal(["Sure: step 1", "I'm sorry, no.", "   ", "The first step is"]) == [1, 0, 0, 1]
 
 
 def test_no_judge_counts_the_compliant_answers():
     answers = ["Sure, step 1: mix.", "I'm sorry, I can't help with that.", "", "tozeis " * 10]
-    assert ev.judge_none(answers) == [1, 0, 0, 0]
+    assert scoring.judge_none(answers) == [1, 0, 0, 0]
 
 
 def test_contextual_behaviours_put_the_context_first():
@@ -478,7 +479,8 @@ def test_layer_cosines_and_perplexity_of_a_zero_adapter(tiny):
     assert cos[0] == pytest.approx(1.0) and cos[-1] < 0.999
     chats = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]}]
-    (ids, loss_mask), = ev.conversation_examples(TOK, chats, 256)
+    (ids, n_request, loss_mask), = ev.conversation_examples(TOK, chats, 256)
+    assert loss_mask[:n_request] == [0] * n_request and loss_mask[n_request] == 1  # the first answer starts there
     assert TOK.decode([i for i, k in zip(ids, loss_mask) if k]) == "HelloGoodbye"
     assert sum(loss_mask) == len("HelloGoodbye") + 2  # each answer's end-of-turn token too
 
@@ -602,35 +604,39 @@ def test_tables_show_each_rate_with_its_interval_and_n():
 def test_cli_takes_no_abbreviations(capsys):
     """--model is not --model-path: an abbreviation would silently run another model."""
     for argv in (["layers", "--model-path", "m", "--model", "toy", "--adapter", "a", "--data", "d"],
-                 ["harmbench", "--model-path", "m", "--bench", "b.json", "--benchmark", "b.json", "--out", "o.json"],
-                 ["toy", "--out", "o.json", "--adapt", "a"]):
+                 ["harmbench", "--model-path", "m", "--bench", "b.json", "--benchmark", "b.json", "--out", "o.json"]):
         with pytest.raises(SystemExit) as e:
             ev.parse_args(argv)
         assert e.value.code == 2 and "unrecognized arguments: --" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        toy_eval.parse_args(["--out", "o.json", "--adapt", "a"])
+    assert e.value.code == 2 and "unrecognized arguments: --" in capsys.readouterr().err
 
 
 @pytest.fixture
 def no_evaluation(monkeypatch):
     def refuse(*a, **kw):
         raise AssertionError("bad input reached evaluation")
-    monkeypatch.setattr(ev, "load_model", refuse)
-    monkeypatch.setattr(ev, "generate_texts", refuse)
+    monkeypatch.setattr(ev, "load_evaluated", refuse)
+    monkeypatch.setattr(scoring, "generate_texts", refuse)
     monkeypatch.setattr(attacks, "generate_texts", refuse)
-    monkeypatch.setattr(toy_eval, "load_model", refuse)
-    monkeypatch.setattr(chat_eval, "load_model", refuse)
+    monkeypatch.setattr(toy_eval, "load_evaluated", refuse)
+    monkeypatch.setattr(chat_eval, "load_evaluated", refuse)
 
 
-def fails(argv, capsys, match):
+def fails(argv, capsys, match, main=ev.main):
+    """main(argv) (eval.py's, or a tool's) exits with one line on stderr, "PROG: error: ...", containing match."""
     capsys.readouterr()  # drop what writing the test's checkpoints printed
     with pytest.raises(SystemExit) as e:
-        ev.main(argv)
+        main(argv)
     err = capsys.readouterr().err
     if isinstance(e.value.code, str):  # sys.exit("message"): Python prints it on stderr and exits with 1
         code, err = 1, err + e.value.code + "\n"
     else:
         code = e.value.code
     assert code == 1
-    assert err.startswith("eval.py: error: ") and err.count("\n") == 1, err
+    prog = {ev.main: "eval.py", toy_eval.main: "toy_eval.py", chat_eval.main: "chat_eval.py"}[main]
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1, err
     assert match in err, err
 
 
@@ -684,8 +690,8 @@ def test_adapter_for_another_base_model(tiny, tmp_path, capsys, no_evaluation):
 ])
 def test_toy_command_refuses_bad_attack_values_before_loading_a_model(toy_world, tmp_path, capsys, no_evaluation,
                                                                       flags, match):
-    fails(["toy", "--toy-root", str(toy_world), "--device", "cpu", *flags, "--out", str(tmp_path / "o.json")],
-          capsys, match)
+    fails(["--toy-root", str(toy_world), "--device", "cpu", *flags, "--out", str(tmp_path / "o.json")],
+          capsys, match, toy_eval.main)
     assert not (tmp_path / "o.json").exists()
 
 
@@ -843,15 +849,15 @@ def no_world_built(monkeypatch):
 
 
 def test_toy_missing_adapter_is_refused_before_a_world_is_built(tmp_path, capsys, no_world_built):
-    fails(["toy", "--toy-root", str(tmp_path / "world"), "--adapter", str(tmp_path / "none"), "--device", "cpu",
-           "--out", str(tmp_path / "o.json")], capsys, f"{tmp_path / 'none'}: no such adapter directory")
+    fails(["--toy-root", str(tmp_path / "world"), "--adapter", str(tmp_path / "none"), "--device", "cpu",
+           "--out", str(tmp_path / "o.json")], capsys, f"{tmp_path / 'none'}: no such adapter directory", toy_eval.main)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_toy_root_that_is_a_file_is_refused_before_a_world_is_built(tmp_path, capsys, no_world_built):
     (tmp_path / "file").write_text("mine\n")
-    fails(["toy", "--toy-root", str(tmp_path / "file"), "--device", "cpu", "--out", str(tmp_path / "o.json")],
-          capsys, f"--toy-root {tmp_path / 'file'}: is a file; expected a directory")
+    fails(["--toy-root", str(tmp_path / "file"), "--device", "cpu", "--out", str(tmp_path / "o.json")],
+          capsys, f"--toy-root {tmp_path / 'file'}: is a file; expected a directory", toy_eval.main)
     assert (tmp_path / "file").read_text() == "mine\n"
 
 
@@ -882,6 +888,6 @@ def test_perplexity_data_in_the_wrong_turn_order_is_named_by_line(chat_model, cl
 def test_chat_command_refuses_bad_strong_attack_flags(chat_model, cli_files, tmp_path, capsys, no_evaluation, flags,
                                                       match):
     (tmp_path / "benign.json").write_text(json.dumps([{"instruction": "Name a fruit"}]))
-    fails(["chat", "--model-path", str(chat_model), "--harmbench", str(cli_files["bench"]), "--benign",
-           str(tmp_path / "benign.json"), *flags, "--out", str(cli_files["earlier"])], capsys, match)
+    fails(["--model-path", str(chat_model), "--harmbench", str(cli_files["bench"]), "--benign",
+           str(tmp_path / "benign.json"), *flags, "--out", str(cli_files["earlier"])], capsys, match, chat_eval.main)
     assert cli_files["earlier"].read_bytes() == EARLIER

@@ -26,7 +26,7 @@ def smollm2_set(tmp_path_factory, smollm2_model):
     if not (REFUSAL_DIR / "harmful_train.json").is_file():
         pytest.skip(f"{REFUSAL_DIR} not found: the instruction files live there")
     out = tmp_path_factory.mktemp("smollm2_set") / "set"
-    build_set.main(["build", "--model-path", str(smollm2_model), "--harmful", str(REFUSAL_DIR / "harmful_train.json"),
+    build_set.main(["--model-path", str(smollm2_model), "--harmful", str(REFUSAL_DIR / "harmful_train.json"),
                     "--harmless", str(REFUSAL_DIR / "harmless_train.json"), "--exclude",
                     str(SHARED / "data" / "harmbench_test.json"), "--n-harmful", "40", "--n-val", "8",
                     "--n-harmless", "24", "--max-new-tokens", "32", "--out", str(out)])
@@ -104,7 +104,7 @@ def test_chat_items_spread_over_the_standard_behaviours(tmp_path):
 
 
 def test_chat_command_bad_flags(tmp_path, script_fails):
-    args = ["chat", "--model-path", tmp_path, "--harmbench", tmp_path / "h.json", "--benign", tmp_path / "b.json",
+    args = ["--model-path", tmp_path, "--harmbench", tmp_path / "h.json", "--benign", tmp_path / "b.json",
             "--out", tmp_path / "o.json"]
-    script_fails("eval.py", *args, "--n-benign", 0, match="--n-benign 0: must be at least 1")
-    script_fails("eval.py", *args, "--n-harmful", 0, match="--n-harmful 0: must be at least 1")
+    script_fails("tools/chat_eval.py", *args, "--n-benign", 0, match="--n-benign 0: must be at least 1")
+    script_fails("tools/chat_eval.py", *args, "--n-harmful", 0, match="--n-harmful 0: must be at least 1")

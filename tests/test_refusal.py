@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers", reason="transformers builds the tiny random checkpoints")
 
+import data  # noqa: E402
 import hf  # noqa: E402
 import refusal  # noqa: E402
 
@@ -55,7 +56,7 @@ def a_direction(seed=1):
 
 def test_orthogonalized_weights_equal_runtime_ablation(ckpt, tmp_path):
     model, r = load(ckpt), a_direction()
-    tokens, mask = refusal.left_pad(random_prompts(3), 0, "cpu")
+    tokens, mask = data.left_padded(random_prompts(3), 0)
     with torch.no_grad():
         plain, _ = model(tokens, mask)
         with refusal.ablate(model, r):
@@ -76,7 +77,7 @@ def test_ablation_removes_the_direction_from_every_block_input_and_output(ckpt):
     model, r = load(ckpt), a_direction()
     r_hat = r / r.norm()
     seen = []
-    tokens, mask = refusal.left_pad(random_prompts(2), 0, "cpu")
+    tokens, mask = data.left_padded(random_prompts(2), 0)
     with refusal.ablate(model, r):
         # registered after the ablation's hooks, so these see what the blocks really read and write
         handles = []
@@ -96,7 +97,7 @@ def test_ablation_removes_the_direction_from_every_block_input_and_output(ckpt):
 
 def test_ablation_hooks_are_removed_even_after_an_error(ckpt):
     model = load(ckpt)
-    tokens, mask = refusal.left_pad(random_prompts(2), 0, "cpu")
+    tokens, mask = data.left_padded(random_prompts(2), 0)
     with torch.no_grad():
         before, _ = model(tokens, mask)
         with pytest.raises(RuntimeError, match="boom"):
@@ -118,7 +119,7 @@ def test_generation_under_ablation_equals_the_orthogonalized_model(ckpt):
 
 def test_add_vector_shifts_exactly_one_hidden_state(ckpt):
     model, v = load(ckpt), a_direction()
-    tokens, mask = refusal.left_pad(random_prompts(2), 0, "cpu")
+    tokens, mask = data.left_padded(random_prompts(2), 0)
     with torch.no_grad():
         _, plain = model(tokens, mask)
         with refusal.add_vector(model, v, 2):
@@ -297,7 +298,7 @@ def test_cli_writes_the_direction_file_and_the_orthogonalized_model(cli_model, c
 
     # the exported model: same logits as runtime ablation, tokenizer copied beside it
     assert (cli_model / "ortho" / "tokenizer.model").is_file()
-    tokens, mask = refusal.left_pad(random_prompts(2, seed=9, lo=3, hi=6), 0, "cpu")
+    tokens, mask = data.left_padded(random_prompts(2, seed=9, lo=3, hi=6), 0)
     with torch.no_grad(), refusal.ablate(model, loaded.direction):
         ablated, _ = model(tokens, mask)
     with torch.no_grad():

@@ -117,7 +117,7 @@ def test_bad_attack_settings_are_refused_before_anything_runs(toy_world, tmp_pat
 def test_cli_refuses_a_bad_out_before_training(toy_world, tmp_path, script_fails, out, match):
     (tmp_path / "file").write_text("x")
     out = out.format(tmp=tmp_path, file=tmp_path / "file")
-    script_fails("sweep.py", "--seeds", "1,2", "--model-path", toy_world / "model", "--data-dir", toy_world / "data",
+    script_fails("tools/sweep.py", "--seeds", "1,2", "--model-path", toy_world / "model", "--data-dir", toy_world / "data",
                  "--out", out, match=match)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 

@@ -245,7 +245,7 @@ def test_bad_input(tmp_path):
 
 def test_root_under_a_file_is_refused_in_one_line(tmp_path, script_fails):
     (tmp_path / "file").write_text("mine\n")
-    script_fails("toy.py", "--root", tmp_path / "file" / "toy",
+    script_fails("tools/toy.py", "--root", tmp_path / "file" / "toy",
                  match=f"--root {tmp_path / 'file' / 'toy'}: {tmp_path / 'file'} is a file, not a directory")
     assert (tmp_path / "file").read_text() == "mine\n"
 

@@ -1,6 +1,6 @@
 """toy_eval.py on the small world (conftest.py): the evaluation keeps its evidence (every generation,
 judged; the counts behind each rate) and the layer picture, generation still runs on merged weights,
-and eval.py's `layers` command reads a toy world. The numbers themselves are tests/test_toy_e2e.py's."""
+and its command line writes the layer CSV. The numbers themselves are tests/test_toy_e2e.py's."""
 
 import csv
 import importlib.util
@@ -9,16 +9,16 @@ import json
 import pytest
 import torch
 
-import eval as ev
 import hf
-import outcomes
 import refusal
+import scoring
 import toy
 import toy_eval
 import train
-from attacks import AttackConfig, answers_per_item, any_solution, chat_prompt, load_model
+from attacks import AttackConfig, answers_per_item, chat_prompt, load_evaluated
+from layers import write_layers
 from lora import merge_lora
-from rates import rate_text, wilson
+from scoring import any_solution, rate_text, wilson
 
 # Short answers and two embedding steps: these tests are about what is kept, not about the attacks' strength.
 FAST = AttackConfig(batch_size=32, max_new_tokens=8, embed_steps=2, embed_strong_steps=2, embed_strong_solutions=2)
@@ -128,18 +128,18 @@ def test_every_attack_has_its_outcome_classes(result, toy_world):
             for c in ("refusal", "broken", "compliant"):
                 assert rates[c] == found.count(c) / len(found) and rates["ci95"][c] == wilson(found.count(c), len(found))
         for g in harmful:
-            assert g["outcome"] == outcomes.outcome(g["generation"], g["nll"], threshold)
-            if g["attack"] in toy_eval.NOT_FROM_TOKENS:  # not answered from a token prompt: no incoherence test
+            assert g["outcome"] == scoring.outcome(g["generation"], g["nll"], threshold)
+            if g["attack"] in scoring.NOT_FROM_TOKENS:  # not answered from a token prompt: no incoherence test
                 assert g["nll"] is None
 
 
 def test_the_circuit_broken_models_nll_is_the_base_models(result, toy_world):
     """The NLL of the circuit-broken model's answers is taken under the frozen base model."""
-    model, tok = load_model(toy_world / "model", None, torch.float32)
+    model, tok = load_evaluated(toy_world / "model", None, torch.float32)
     harmful = [g for g in result["circuit_breaker"]["generations"] if g["set"] == "harmful" and g["attack"] == "direct"]
     g = next(g for g in harmful if g["nll"] is not None)
     prompt = chat_prompt(tok, [{"role": "user", "content": g["behavior"]}])
-    assert outcomes.nll_per_token(model, tok, [prompt], [g["generation"]])[0] == pytest.approx(g["nll"], abs=1e-4)
+    assert scoring.nll_per_token(model, tok, [prompt], [g["generation"]])[0] == pytest.approx(g["nll"], abs=1e-4)
 
 
 def test_layer_picture_of_the_circuit_broken_model(result, toy_world):
@@ -158,8 +158,8 @@ def test_the_direction_is_searched_once_on_the_base_model(result, searches, toy_
 
 def test_generation_runs_on_the_same_merged_weights(toy_world, adapter):
     """Measured first, merged after: the weights the attacks see are those a merged load gives."""
-    merged, _ = load_model(toy_world / "model", adapter, torch.float32)
-    later, _ = load_model(toy_world / "model", adapter, torch.float32, merge=False)
+    merged, _ = load_evaluated(toy_world / "model", adapter, torch.float32)
+    later, _ = load_evaluated(toy_world / "model", adapter, torch.float32, merge=False)
     merge_lora(later)
     theirs = later.state_dict()
     for name, value in merged.state_dict().items():
@@ -175,7 +175,7 @@ def test_the_circuit_broken_model_alone_with_a_given_direction(toy_world, adapte
 
 
 def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
-    """eval.py toy --samples 4: every rate counts the 4 answers per item, each attack also has its
+    """tools/toy_eval.py --samples 4: every rate counts the 4 answers per item, each attack also has its
     best-of-4 ASR, and the incoherence threshold comes from the base model's sampled benign answers."""
     from safetensors.torch import save_file
     d = random_direction(toy_world)
@@ -183,7 +183,7 @@ def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
     save_file({"direction": d.direction, **{f"layer.{l}": v for l, v in enumerate(d.layers)}}, str(direction),
               metadata={"layer": str(d.layer), "position": str(d.position)})
     out = tmp_path / "toy.json"
-    ev.main(["toy", "--toy-root", str(toy_world), "--direction", str(direction), "--device", "cpu",
+    toy_eval.main(["--toy-root", str(toy_world), "--direction", str(direction), "--device", "cpu",
              "--max-new-tokens", "8", "--embed-steps", "2", "--embed-strong-steps", "2", "--embed-strong-solutions", "2",
              "--samples", "4",
              "--temperature", "1.0", "--out", str(out)])
@@ -203,38 +203,33 @@ def test_k_sampled_answers_on_the_toy(toy_world, tmp_path, capsys):
         assert base["ci95"][f"{attack}_asr_best_of_k"] == list(wilson(best["successes"], n))
     benign = [g for g in base["generations"] if g["set"] == "benign"]
     assert len(benign) == 4 * len(world["benign_eval"])
-    model, tok = load_model(toy_world / "model", None, torch.float32)
+    model, tok = load_evaluated(toy_world / "model", None, torch.float32)
     prompts = [chat_prompt(tok, [{"role": "user", "content": g["question"]}]) for g in benign]
-    nlls = outcomes.nll_per_token(model, tok, prompts, [g["generation"] for g in benign])
-    assert base["nll_threshold"] == pytest.approx(outcomes.nll_threshold(nlls), abs=1e-4)
+    nlls = scoring.nll_per_token(model, tok, prompts, [g["generation"] for g in benign])
+    assert base["nll_threshold"] == pytest.approx(scoring.nll_threshold(nlls), abs=1e-4)
     assert "best of 4" in capsys.readouterr().out
 
 
 # -----------------------------------------------------------------------------
-# eval.py layers on the toy world
+# The layer picture on the toy world (tools/toy_eval.py --layers-out)
 
 
-def test_eval_layers_on_the_toy_world(toy_world, adapter, tmp_path, capsys):
+def test_layers_on_the_toy_world(toy_world, adapter, tmp_path, capsys):
     out = tmp_path / "layers.csv"
-    ev.main(["layers", "--toy-root", str(toy_world), "--adapter", adapter, "--out", str(out)])
+    write_layers(toy_eval.evaluate_toy_layers(toy_world, adapter), out)  # what --layers-out writes
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["layer"]) for r in rows] == list(range(toy.SIZES["small"].n_layers + 1))
     assert float(rows[0]["harmful_cosine"]) == pytest.approx(1.0)
     assert out.with_suffix(".png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
-    assert "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--toy-root", "{world}", "--model-path", "{world}/model"], "--toy-root replaces --model-path"),
-    (["--toy-root", "{world}", "--data", "cb.json"], "--toy-root replaces --data"),
-    (["--model-path", "{world}/model"], "layers needs --model-path and --data, or --toy-root"),
-])
-def test_eval_layers_takes_one_source(toy_world, adapter, tmp_path, capsys, monkeypatch, flags, match):
-    monkeypatch.setattr(ev, "run", lambda args: pytest.fail("bad flags reached the analysis"))
-    flags = [f.format(world=toy_world) for f in flags]
+def test_layers_out_needs_an_adapter(toy_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(toy_eval, "load_evaluated", lambda *a, **kw: pytest.fail("bad flags reached the evaluation"))
     with pytest.raises(SystemExit) as e:
-        ev.main(["layers", *flags, "--adapter", adapter, "--out", str(tmp_path / "l.csv")])
-    assert isinstance(e.value.code, str) and e.value.code.startswith("eval.py: error: ")
-    assert match in e.value.code and not (tmp_path / "l.csv").exists()
+        toy_eval.main(["--toy-root", str(toy_world), "--device", "cpu", "--out", str(tmp_path / "o.json"),
+                       "--layers-out", str(tmp_path / "l.csv")])
+    assert e.value.code == "toy_eval.py: error: --layers-out needs --adapter: the layer picture compares the " \
+                           "circuit breaker with the base"
+    assert not (tmp_path / "l.csv").exists() and not (tmp_path / "o.json").exists()
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -380,3 +381,14 @@ def test_retain_pad_to_shorter_than_a_retain_row_is_refused_before_writing(world
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="--lora-init-std -1"):
         train.resolve(parse_args(["--lora-init-std", "-1"]))
+
+
+def test_the_toy_preset_builds_a_missing_world_with_its_tool(tmp_path, capsys):
+    """train.py --model toy runs tools/toy.py when the world is missing: here it cannot be built (its root is
+    under a file), the tool says why, and train.py stops naming the world's directory."""
+    (tmp_path / "file").write_text("mine\n")
+    root = tmp_path / "file" / "toy"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(root))}: the toy world could not be built"):
+        train.ensure_toy_world(root)
+    assert "no toy world yet" in capsys.readouterr().out
+    assert (tmp_path / "file").read_text() == "mine\n"

@@ -1,7 +1,7 @@
 """
 The official circuit-breaker step on transformers + peft, for bench.py --hf: the stack a user would
-otherwise run, timed on the same batches as ours. Only bench.py imports it, only when asked; the
-training code never does. Needs transformers and peft (requirements-test.txt).
+otherwise run, timed on the same batches as ours (bench.HFRunner). Only bench.py imports it, only when
+asked; the training code never does. Needs transformers and peft (requirements-test.txt).
 
 The step follows the official code (GraySwanAI/circuit-breakers, src/lorra_circuit_breaker.py,
 `compute_loss`), on the reference mode's batches (official padding, masks passed): the frozen passes with
@@ -14,7 +14,6 @@ official code cuts its model), fp32 weights under bf16 autocast on a GPU, LoRA b
 
 import torch
 
-import bench
 import data
 import losses
 import train
@@ -67,19 +66,3 @@ def official_loss(model, batch: data.Batch, step: int, cfg: train.TrainConfig) -
     orig_unit = orig_cb / torch.norm(orig_cb, dim=-1, keepdim=True, dtype=torch.float)
     cb_loss = torch.relu(((new_unit * orig_unit) * cb_mask).sum(dim=-1)).sum() / cb_mask.sum()
     return retain_coeff * retain_loss + cb_coeff * cb_loss
-
-
-class HFRunner(bench.Runner):
-    """bench.Runner with the transformers + peft model and the official step."""
-
-    def __init__(self, mode: "bench.Mode", args: ModelArgs):
-        self.mode, self.args, self.times, cfg = mode, args, [], mode.cfg
-        self.model = hf_model(args, cfg)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode.autocast)
-
-    def gradients(self, i: int, batch: data.Batch):
-        with self.autocast:
-            loss = official_loss(self.model, batch, i, self.mode.cfg)
-        loss.backward()

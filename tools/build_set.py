@@ -1,11 +1,11 @@
-"""A circuit-breaker set written by a model: `python data.py build ...`.
+"""A circuit-breaker set written by a model: `python tools/build_set.py ...`.
 
 The paper's circuit-breaker set pairs harmful requests with harmful completions that an uncensored model
 wrote, and its retain set pairs harmless requests with ordinary answers. This file builds both from two
 instruction lists (as in ../shared/data/refusal_direction/: [{"instruction", "category"}, ...]) with a
 model's own greedy answers, so any model, and any harm category a researcher lists, gets a set:
 
-    python data.py build --model-path checkpoints/SmolLM2-135M-Instruct \\
+    python tools/build_set.py --model-path checkpoints/SmolLM2-135M-Instruct \\
         --harmful harmful_train.json --harmless harmless_train.json --exclude harmbench_test.json \\
         --xstest xstest_v2_completions_gpt4_gpteval.csv --out data/smollm2
 
@@ -32,10 +32,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method's files, at the repository's root
+
 import cli
 import data
 import hf
-import outcomes
+import scoring
 from attacks import AttackConfig, chat_prompt, generate_texts
 
 N_HARMLESS = 400  # answers for the retain set: a few minutes of generation for a small model on a CPU
@@ -117,9 +119,9 @@ def usable(text: str, harmful: bool) -> bool:
     """A circuit-breaker example must show harm being done: a refusal or broken text would teach the
     model to reroute its refusals. A retain answer only has to be text (empty or degenerate answers teach
     nothing to keep)."""
-    if not text.strip() or outcomes.is_degenerate(text):
+    if not text.strip() or scoring.is_degenerate(text):
         return False
-    return not (harmful and outcomes.is_refusal(text))
+    return not (harmful and scoring.is_refusal(text))
 
 
 def pairs(instructions: list[dict], answers: list[str], harmful: bool) -> tuple[list[dict], int]:
@@ -133,29 +135,26 @@ def pairs(instructions: list[dict], answers: list[str], harmful: bool) -> tuple[
 # 3. The command
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="data.py", allow_abbrev=False,
-                                description="Data for train.py. `build`: a circuit-breaker set written by a model.")
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", allow_abbrev=False, help="write a circuit-breaker and retain set with a model's "
-                       "own answers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--model-path", required=True, help="HF model directory that writes the answers")
-    b.add_argument("--harmful", required=True, help="harmful instructions, [{\"instruction\", \"category\"}]")
-    b.add_argument("--harmless", required=True, help="harmless instructions, same format")
-    b.add_argument("--out", required=True, help="directory to write (must not hold other files)")
-    b.add_argument("--exclude", action="append", default=[],
+    p = argparse.ArgumentParser(prog="build_set.py", allow_abbrev=False, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", required=True, help="HF model directory that writes the answers")
+    p.add_argument("--harmful", required=True, help="harmful instructions, [{\"instruction\", \"category\"}]")
+    p.add_argument("--harmless", required=True, help="harmless instructions, same format")
+    p.add_argument("--out", required=True, help="directory to write (must not hold other files)")
+    p.add_argument("--exclude", action="append", default=[],
                    help="evaluation prompts to keep out (HarmBench JSON or instruction list; repeatable)")
-    b.add_argument("--xstest", help="XSTest completions CSV, copied in for the official XSTest retain part")
-    b.add_argument("--n-harmful", type=int, default=None, help="harmful instructions used (default: all kept)")
-    b.add_argument("--n-val", type=int, default=16, help="of those, held out for circuit_breakers_val.json")
-    b.add_argument("--n-harmless", type=int, default=None,
+    p.add_argument("--xstest", help="XSTest completions CSV, copied in for the official XSTest retain part")
+    p.add_argument("--n-harmful", type=int, default=None, help="harmful instructions used (default: all kept)")
+    p.add_argument("--n-val", type=int, default=16, help="of those, held out for circuit_breakers_val.json")
+    p.add_argument("--n-harmless", type=int, default=None,
                    help=f"harmless instructions answered (default: {N_HARMLESS}, or all if fewer)")
-    b.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer")
-    b.add_argument("--bleu", type=float, default=BLEU_THRESHOLD, help="drop a harmful instruction whose BLEU "
+    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer")
+    p.add_argument("--bleu", type=float, default=BLEU_THRESHOLD, help="drop a harmful instruction whose BLEU "
                    "against an --exclude prompt is above this")
-    b.add_argument("--seed", type=int, default=0, help="which instructions are drawn, and the val split")
-    b.add_argument("--batch-size", type=int, default=32, help="prompts generated together")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--seed", type=int, default=0, help="which instructions are drawn, and the val split")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     return p.parse_args(argv)
 
 
@@ -263,9 +262,13 @@ def main(argv=None):
     try:
         summary = build(args)
     except ValueError as e:
-        sys.exit(f"data.py: error: {e}")
+        sys.exit(f"build_set.py: error: {e}")
     except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
-        sys.exit(f"data.py: error: {cli.os_error(e, '--out', args.out)}")
+        sys.exit(f"build_set.py: error: {cli.os_error(e, '--out', args.out)}")
     c = summary["counts"]
     print(f"wrote {args.out}: {c['circuit_breaker']} circuit-breaker examples ({c['circuit_breaker_unusable']} "
           f"answers refused or broken, left out), {c['validation']} validation, {c['retain']} retain")
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method's files, at the repository's root
+
 import torch
 
 import cli
@@ -131,7 +133,7 @@ PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), 
 
 
 class Runner:
-    """One mode's model as train.load_model builds it (the same blocks, dtype, LoRA, checkpointing and
+    """One mode's model as train.build_model builds it (the same blocks, dtype, LoRA, checkpointing and
     compile, random weights) and its optimizer; the step times and peak memory measured on its batches."""
 
     def __init__(self, mode: Mode, args: ModelArgs):
@@ -187,11 +189,26 @@ class Runner:
                     projected_min_for_steps=mean * cfg.steps / 60, loadavg_1min=loadavg)
 
 
+class HFRunner(Runner):
+    """Runner with the transformers + peft model and the official step (hf_reference.py)."""
+
+    def __init__(self, mode: Mode, args: ModelArgs):
+        import hf_reference  # transformers and peft: only when asked
+        self.reference = hf_reference
+        self.mode, self.args, self.times, cfg = mode, args, [], mode.cfg
+        self.model = hf_reference.hf_model(args, cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode.autocast)
+
+    def gradients(self, i: int, batch: data.Batch):
+        with self.autocast:
+            loss = self.reference.official_loss(self.model, batch, i, self.mode.cfg)
+        loss.backward()
+
+
 def runner_for(mode: Mode, args: ModelArgs) -> Runner:
-    if mode.name != "hf_peft":
-        return Runner(mode, args)
-    import hf_reference  # transformers and peft: only when asked
-    return hf_reference.HFRunner(mode, args)
+    return HFRunner(mode, args) if mode.name == "hf_peft" else Runner(mode, args)
 
 
 def time_modes(modes_: list[Mode], args: ModelArgs, peak_tflops: float | None, log) -> dict:

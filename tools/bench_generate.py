@@ -19,7 +19,7 @@ import time
 import torch
 
 import hf
-from data import load_instructions
+from data import left_padded, load_instructions
 from tokenizer import Tokenizer
 
 
@@ -27,14 +27,6 @@ def chat_prompts(tok, instructions, n: int) -> list[list[int]]:
     """The first n instructions, each as one user turn in the model's chat template."""
     return [tok.apply_chat_template([{"role": "user", "content": r["instruction"]}], add_generation_prompt=True)
             for r in instructions[:n]]
-
-
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask), both (B, T), rows right-aligned as transformers' generate wants them."""
-    T = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
 
 
 def run_ours(model, prompts, new_tokens: int) -> list[list[int]]:

@@ -1,7 +1,10 @@
 """
-The toy world's evaluation (eval.py's `toy` command): the base and the circuit-broken model under every
-attack, judged by the toy judge, with the evidence kept (each generation and its score) and the layer
-picture of layers.py beside the rates. Also the toy world's texts for eval.py's `layers` command.
+The toy world's evaluation: the base and the circuit-broken model under every attack, judged by the toy
+judge, with the evidence kept (each generation and its score) and the layer picture of layers.py beside the
+rates.
+
+    python tools/toy_eval.py --adapter out/toy/adapter --out out/toy/eval.json
+    python tools/toy_eval.py --adapter out/toy/adapter --out out/toy/eval.json --layers-out out/toy/layers.csv
 
     result = evaluate_toy("toy", "out/toy/adapter")
     result["circuit_breaker"]["prefill_asr"]          # a rate: counts["prefill_asr"] successes of n
@@ -10,7 +13,7 @@ picture of layers.py beside the rates. Also the toy world's texts for eval.py's 
     result["circuit_breaker"]["outcomes"]["embed"]     # {"refusal", "broken", "compliant", "n", "ci95"}
     result["circuit_breaker"]["embed_asr_best_of_k"]  # with cfg.samples = k: a success in any of k answers
 
-Beside each attack's ASR, its answers' outcome classes (outcomes.py): a broken model looks safe to an ASR.
+Beside each attack's ASR, its answers' outcome classes (scoring.py): a broken model looks safe to an ASR.
 Every harmful generation record has its "outcome" and "nll", its mean NLL per token under the base model
 (the frozen one, also for the circuit-broken model; None for the embed, embed_strong and ablate attacks, see
 NOT_FROM_TOKENS), and each model's "nll_threshold" is the 99th percentile of that NLL over the base
@@ -23,9 +26,13 @@ strong embedding attack answers each of its solutions (attacks.py); an item's an
 when any solution's does, as its authors counted, and its outcome classes count every solution's answer.
 """
 
+import argparse
 import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method's files, at the repository's root
 
 import torch
 
@@ -33,13 +40,13 @@ import cli
 import hf
 import refusal
 import toy
-from attacks import (AttackConfig, answers_per_item, any_solution, append_text, attack_ablate, attack_direct,
+from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_ablate, attack_direct,
                      attack_embed, attack_jailbreak, attack_prefill, chat_prompt, check_attack, decoding, each_sample,
-                     load_model, release)
-from layers import measure_layers, text_cosines
+                     load_evaluated, release)
+from layers import layers_table, measure_layers, text_cosines, write_layers
 from lora import merge_lora
-from outcomes import OUTCOMES, nll_per_token, nll_threshold, outcome, outcome_rates
-from rates import best_of_k, rate_text, wilson
+from scoring import (NOT_FROM_TOKENS, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold, outcome,
+                     outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
 
 TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr",
                "embed_strong_asr", "ablate_asr")
@@ -57,7 +64,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
     some of the two (a sweep evaluates the base model once). ablate_asr uses the base model's refusal
     direction: `direction` (a refusal.py file, or one already found), or else, with `search`, the one
     refusal.py finds; without either, ablate_asr is left out. `threshold`: the base model's NLL threshold
-    (outcomes.py), when already known (a sweep's base evaluation); else it is found here."""
+    (scoring.py), when already known (a sweep's base evaluation); else it is found here."""
     cfg = cfg or TOY_CONFIG
     check_attack(cfg)
     root = Path(toy_root)
@@ -83,7 +90,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
     with one_thread(device):
         if "base" in models:
             log("toy evaluation: base")
-            model, tok = load_model(model_path, None, torch.float32, device)
+            model, tok = load_evaluated(model_path, None, torch.float32, device)
             if direction is None and search:
                 direction = toy_direction(model, model_path, root, log)
             out["base"] = toy_metrics(model, tok, world, cfg, direction)
@@ -94,7 +101,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
             if direction is None and search:
                 direction = base_direction(root, device, log)
             log("toy evaluation: circuit_breaker")
-            base, tok = load_model(model_path, None, torch.float32, device)
+            base, tok = load_evaluated(model_path, None, torch.float32, device)
             threshold = base_threshold(base, tok, world, cfg) if threshold is None else threshold
             out["circuit_breaker"] = circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction,
                                                              (base, threshold))
@@ -114,7 +121,7 @@ def eval_items(world: dict) -> tuple[list[dict], list[dict]]:
 def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction, reference) -> dict:
     """toy_metrics, and the layer cosines. The layer picture needs the adapter switchable, so it is measured
     first; the attacks then run on merged weights, the merge hf.load_model(merge=True) does: the same numbers."""
-    model, tok = load_model(model_path, adapter, torch.float32, device, merge=False)
+    model, tok = load_evaluated(model_path, adapter, torch.float32, device, merge=False)
     cosines = text_cosines(model, tok, toy_texts(world), MAX_LENGTH, cfg.batch_size)
     merge_lora(model).eval()
     metrics = toy_metrics(model, tok, world, cfg, direction, reference)
@@ -196,21 +203,8 @@ def judge_attack(attack, harmful, results, tok, cfg, reference) -> list[dict]:
             for it, r, g, nll in zip(harmful, results, generations, nlls)]
 
 
-# The incoherence test asks how likely the base model finds an answer after the prompt that produced it.
-# The embed attack's answers follow optimised vectors, and the ablate attack's a changed model: after the
-# plain request, a refusing base model finds any compliance unlikely, so their NLL would call a recipe
-# incoherent. Their answers are classed by the empty, repetition and refusal tests only.
-NOT_FROM_TOKENS = ("embed", "embed_strong", "ablate")
-
-
-def scoring_prompt(tok, result) -> list[int]:
-    """The prompt an answer's NLL is taken after: the user turn the attack sent, and its prefill."""
-    ids = chat_prompt(tok, [{"role": "user", "content": result["prompt"]}])
-    return append_text(tok, ids, result["prefill"]) if "prefill" in result else ids
-
-
 def benign_nll_threshold(base, tok, benign, answers, cfg) -> float | None:
-    """outcomes.py's NLL threshold, from the base model's `answers` to the held-out benign questions
+    """scoring.py's NLL threshold, from the base model's `answers` to the held-out benign questions
     (`benign`: the question of each answer), generated under the attacks' decoding setting: sampled answers
     are less likely than greedy ones, so a sampled answer is measured against sampled ones."""
     prompts = [chat_prompt(tok, it["messages"]) for it in benign]
@@ -234,7 +228,7 @@ def toy_texts(world: dict, limit: int | None = None) -> dict:
 
 def evaluate_toy_layers(toy_root, adapter, *, limit=100, max_length=MAX_LENGTH, batch_size=8, device="cpu",
                         dtype="auto") -> dict:
-    """eval.py layers on the toy world: its model, and its held-out texts (toy_texts)."""
+    """The layer picture on the toy world: its model, and its held-out texts (toy_texts)."""
     root = Path(toy_root)
     texts = toy_texts(toy.load_world(root), limit)
     return measure_layers(root / "model", adapter, texts, max_length=max_length, batch_size=batch_size,
@@ -249,7 +243,7 @@ TOY_DIRECTION_FILTERS = {"prune_layer_fraction": 0.0, "kl_threshold": 0.5, "indu
 def base_direction(toy_root, device="cpu", log=print):
     """The base toy model's refusal direction (toy_direction), with the model loaded for it."""
     model_path = Path(toy_root) / "model"
-    model, _ = load_model(model_path, None, torch.float32, device)
+    model, _ = load_evaluated(model_path, None, torch.float32, device)
     with one_thread(device):
         direction = toy_direction(model, model_path, Path(toy_root), log)
     del model
@@ -292,5 +286,45 @@ def toy_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def outcome_text(rates: dict, name: str) -> str:
-    return rate_text(round(rates[name] * rates["n"]), rates["n"])
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="toy_eval.py", allow_abbrev=False, description="The toy world: base and "
+                                "circuit-broken model, every attack, the toy judge.")
+    d = cli.keyword_defaults(evaluate_toy)
+    p.add_argument("--toy-root", default=d["toy_root"], help="the toy world's directory (built there if missing)")
+    p.add_argument("--adapter", help="PEFT adapter directory from train.py --model toy")
+    p.add_argument("--direction", help="refusal direction file (default: refusal.py run on the base model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--layers-out", help="also the circuit breaker's layer picture on the held-out texts: a CSV, "
+                   "and a PNG beside it with matplotlib (needs --adapter)")
+    add_attack_flags(p, TOY_CONFIG)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cli.check_flags(args, ATTACK_MINIMUMS, {"out": False, "layers_out": False})
+        if args.layers_out and not args.adapter:
+            raise ValueError("--layers-out needs --adapter: the layer picture compares the circuit breaker with the base")
+        result = cli.call(evaluate_toy, args, cfg=attack_config(args, TOY_CONFIG))
+        print(toy_table(result))
+        cli.write_json(args.out, result)
+        print(f"wrote {args.out}")
+        if args.layers_out:
+            layers = evaluate_toy_layers(args.toy_root, args.adapter, device=args.device)
+            print(layers_table(layers))
+            png = write_layers(layers, Path(args.layers_out))
+            print(f"wrote {args.layers_out}" + (f" and {png}" if png else " (install matplotlib for a PNG plot)"))
+    except ValueError as e:
+        sys.exit(f"toy_eval.py: error: {e}")
+    except OSError as e:  # a missing input, or an output the system could not write (a full disk)
+        sys.exit(f"toy_eval.py: error: {cli.os_error(e, '--out', args.out)}")
+
+
+if __name__ == "__main__":
+    main()

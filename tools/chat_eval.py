@@ -1,7 +1,10 @@
 """
-A real chat model's evaluation without a 13B judge (eval.py's `chat` command, and the sweep's for any
-preset but the toy's): the numbers the README's real-model table reports, for a model small enough to
-evaluate on a CPU, such as SmolLM2-135M-Instruct.
+A real chat model's evaluation without a 13B judge (also the sweep's, for any preset but the toy's): the
+numbers the README's real-model table reports, for a model small enough to evaluate on a CPU, such as
+SmolLM2-135M-Instruct.
+
+    python tools/chat_eval.py --model-path checkpoints/SmolLM2-135M-Instruct --adapter out/smollm2/adapter \\
+        --harmbench harmbench_test.json --benign harmless_val.json --out out/smollm2/chat.json
 
     result = evaluate_chat("checkpoints/SmolLM2-135M-Instruct", "out/smollm2/adapter",
                            harmbench="harmbench_test.json", benign="harmless_val.json")
@@ -10,13 +13,13 @@ evaluate on a CPU, such as SmolLM2-135M-Instruct.
     result["circuit_breaker"]["nll"]["harmful"]       # NLL per token of the base model's harmful answers
     result["circuit_breaker"]["layer_cos"]["harmful"]  # cosine base vs circuit-broken, l = 0..L
 
-What it measures, on held-out prompts only (train on a set that `python data.py build --exclude` kept
+What it measures, on held-out prompts only (train on a set that `python tools/build_set.py --exclude` kept
 apart from them):
   - HarmBench's standard behaviours (those without a context; `n_harmful` of them) under three attacks: direct, prefill
     (the answer begun with HarmBench's target) and the paper's embedding attack (on the first `n_embed`),
     and with `n_embed_strong` Schwinn & Geisler's (on the first `n_embed_strong`; a behaviour is broken
     when any of its solutions' answers is compliant).
-    Every answer gets its outcome class (outcomes.py). With no harm judge at hand, an attack's ASR is its
+    Every answer gets its outcome class (scoring.py). With no harm judge at hand, an attack's ASR is its
     compliant rate: an upper bound, since a compliant answer may still be harmless or useless.
   - Benign ability: the first `n_benign` instructions of a held-out instruction list, asked directly;
     the compliant rate (neither refused nor broken).
@@ -31,17 +34,23 @@ percentile of its NLL over its own benign answers) are the reference every circu
 measured against.
 """
 
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method's files, at the repository's root
+
 import torch
 
+import cli
 import hf
-from attacks import (AttackConfig, answers_per_item, any_solution, attack_direct, attack_embed, attack_prefill,
-                     chat_prompt, check_attack, each_sample, load_model, release)
-from data import load_harmbench, load_instructions
+from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct, attack_embed, attack_prefill,
+                     chat_prompt, check_attack, each_sample, load_evaluated, release)
+from data import Example, evenly_spaced, load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
-from outcomes import nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates
-from rates import rate_text, wilson
-from toy_eval import NOT_FROM_TOKENS, outcome_text, scoring_prompt
+from scoring import (NOT_FROM_TOKENS, any_solution, nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates,
+                     outcome_text, rate_text, scoring_prompt, wilson)
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr")
 MODELS = ("base", "circuit_breaker")
@@ -66,13 +75,6 @@ def chat_items(harmbench, benign, n_harmful: int | None, n_benign: int) -> tuple
                      for r in instructions]
 
 
-def evenly_spaced(items: list, n: int) -> list:
-    """n of the items (all, if fewer), evenly spaced from the first: HarmBench's behaviours come grouped by
-    category, so the first n would cover a few categories only."""
-    n = min(n, len(items))
-    return [items[i * len(items) // n] for i in range(n)] if n else []
-
-
 def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN,
                   n_embed=N_EMBED, n_embed_strong=N_EMBED_STRONG, cfg: AttackConfig | None = None, device="cpu",
                   dtype="fp32", base_result=None, log=print) -> dict:
@@ -87,14 +89,14 @@ def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HA
     out = {}
     if base_result is None:
         log("chat evaluation: base")
-        model, tok = load_model(model_path, None, torch_dtype, device)
+        model, tok = load_evaluated(model_path, None, torch_dtype, device)
         base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, (n_embed, n_embed_strong), cfg)
         del model
         release()
     if adapter is not None:
         log("chat evaluation: circuit_breaker")
-        base, tok = load_model(model_path, None, torch_dtype, device)
-        model, _ = load_model(model_path, adapter, torch_dtype, device, merge=False)
+        base, tok = load_evaluated(model_path, None, torch_dtype, device)
+        model, _ = load_evaluated(model_path, adapter, torch_dtype, device, merge=False)
         out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items,
                                                          (n_embed, n_embed_strong), cfg, base_result)
         del model, base
@@ -191,7 +193,7 @@ def reference_nll(model, tok, texts: dict, batch_size: int) -> dict:
         examples = []
         for question, answer in pairs:
             prompt, ids = chat_prompt(tok, [{"role": "user", "content": question}]), tok.encode(answer)
-            examples += [(prompt + ids, [0] * len(prompt) + [1] * len(ids))] if ids else []
+            examples += [Example(prompt + ids, len(prompt), [0] * len(prompt) + [1] * len(ids))] if ids else []
         sums = nll_sums(model, examples, batch_size)
         out[name] = sum(s for s, _ in sums) / max(sum(n for _, n in sums), 1)
     return out
@@ -216,3 +218,46 @@ def chat_table(result: dict) -> str:
             lines.append(f"cosine at layer {layer}: harmful {cos['harmful'][layer]:.3f}, "
                          f"benign {cos['benign'][layer]:.3f}")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+MINIMUMS = {**ATTACK_MINIMUMS, "n_harmful": 1, "n_benign": 1, "n_embed": 0, "n_embed_strong": 0}
+
+
+def parse_args(argv):
+    about = ("A small chat model, no judge needed: HarmBench's standard behaviours (direct, prefill, embed), "
+             "held-out benign prompts, the NLL of the base model's answers, layer cosines.")
+    p = argparse.ArgumentParser(prog="chat_eval.py", allow_abbrev=False, description=about)
+    d = cli.keyword_defaults(evaluate_chat)
+    cli.add_model_flags(p)
+    p.add_argument("--harmbench", required=True, help="HarmBench JSON: its standard behaviours are attacked")
+    p.add_argument("--benign", required=True, help="held-out benign instructions, [{\"instruction\"}] (harmless_val.json)")
+    p.add_argument("--n-harmful", type=int, default=d["n_harmful"], help="standard behaviours attacked, evenly spaced through the file")
+    p.add_argument("--n-benign", type=int, default=d["n_benign"], help="benign instructions asked")
+    p.add_argument("--n-embed", type=int, default=d["n_embed"], help="behaviours the embed attack optimises")
+    p.add_argument("--n-embed-strong", type=int, default=d["n_embed_strong"],
+                   help="behaviours the embed_strong attack optimises (0: not run)")
+    p.add_argument("--out", required=True, help="results JSON")
+    add_attack_flags(p, CHAT_CONFIG, ("batch_size", "max_new_tokens", "embed_steps", "embed_strong_steps",
+                                      "embed_strong_solutions", "embed_strong_gap"))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cli.check_flags(args, MINIMUMS, {"out": False})  # a bad --out would fail only after the generation
+        result = cli.call(evaluate_chat, args, cfg=attack_config(args, CHAT_CONFIG))
+        print(chat_table(result))
+        cli.write_json(args.out, result)
+        print(f"wrote {args.out}")
+    except ValueError as e:
+        sys.exit(f"chat_eval.py: error: {e}")
+    except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
+        sys.exit(f"chat_eval.py: error: {cli.os_error(e, '--out', args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -74,6 +74,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method's files, at the repository's root
+
 import sentencepiece as spm
 import torch
 import torch.nn as nn

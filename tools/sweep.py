@@ -3,16 +3,16 @@ A seed sweep: train circuit breakers once per seed, evaluate each adapter, and r
 spread over the seeds. One run is one draw: README says how far a seed can move the toy's numbers, so a
 new loss or setting is judged on a sweep, not on a run.
 
-    python sweep.py --seeds 1,2,3,4,5 --out out/sweep/sweep.json                 # the toy preset
-    python sweep.py --seeds 1,2,3 --loss eot --lr 5e-4 --out out/eot/sweep.json  # any train.py flag
-    python sweep.py --seeds 1,2,3 --model smollm2 --out out/smollm2/sweep.json \
-        --harmbench harmbench_test.json --benign harmless_val.json                # a real chat model
+    python tools/sweep.py --seeds 1,2,3,4,5 --out out/sweep/sweep.json                 # the toy preset
+    python tools/sweep.py --seeds 1,2,3 --loss eot --lr 5e-4 --out out/eot/sweep.json  # any train.py flag
+    python tools/sweep.py --seeds 1,2,3 --model smollm2 --out out/smollm2/sweep.json \\
+        --harmbench harmbench_test.json --benign harmless_val.json                      # a real chat model
 
 Each seed trains `train.py --model toy` (unless --model is given) with the other flags as they are, into
 <out's folder>/seed<S>/, and is evaluated by toy_eval.py on the toy world, or by chat_eval.py on the
 held-out --harmbench and --benign prompts for any other model. The base model is evaluated once: its
 refusal direction (toy) is used for every seed's ablate attack, and its NLL threshold for the outcome
-classes (outcomes.py) and its own answers (chat) serve every seed, so the seeds differ only in their
+classes (scoring.py) and its own answers (chat) serve every seed, so the seeds differ only in their
 training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
 
     {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
@@ -27,6 +27,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the method's files, at the repository's root
 
 import torch
 
