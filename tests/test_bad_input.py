@@ -23,7 +23,7 @@ import torch
 import cli
 import train
 from conftest import no_space_left
-from train import TrainConfig
+from config import TrainConfig, check_values
 from test_train import LLAMA3_TOKENIZER, SHARED, world  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,14 +288,14 @@ def test_refused_in_one_line_and_the_output_is_untouched(outcomes, case):
 ])
 def test_values_no_run_can_use_are_refused_by_flag(field, value):
     with pytest.raises(ValueError, match="^" + re.escape(cli.as_flag(field)) + " "):
-        train.check_values(TrainConfig(**{"device": "cpu", field: value}))
+        check_values(TrainConfig(**{"device": "cpu", field: value}))
 
 
 def test_the_limits_themselves_are_allowed():
-    train.check_values(TrainConfig(device="cpu", lr=1.0, lora_dropout=0.0, threads=0, val_every=0, ckpt_every=0,
+    check_values(TrainConfig(device="cpu", lr=1.0, lora_dropout=0.0, threads=0, val_every=0, ckpt_every=0,
                                    n_ultrachat=0, xstest_repeat=0, bucket=0, weight_decay=0.0, target_layers=(1,)))
-    train.check_values(TrainConfig(device="cpu", seed=0))
-    train.check_values(TrainConfig(device="cpu", seed=2**64 - 1))
+    check_values(TrainConfig(device="cpu", seed=0))
+    check_values(TrainConfig(device="cpu", seed=2**64 - 1))
 
 
 # -----------------------------------------------------------------------------
