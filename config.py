@@ -99,8 +99,8 @@ PRESETS = {
                    with_request="random"),
     "mistral": dict(model_path="checkpoints/Mistral-7B-Instruct-v0.2", loss_alpha=5.0, refusal_retain=False,
                     with_request="always"),
-    # The toy world (toy.py), on a CPU; README, "The toy world", says how each value was chosen. Two
-    # departures from the recipe: LoRA's B starts as small noise, so training leaves the zero-gradient
+    # The toy world (tools/toy.py), on a CPU; docs/toy.md, "What the toy needed", says how each value was
+    # chosen. Two departures from the recipe: LoRA's B starts as small noise, so training leaves the zero-gradient
     # start deterministically (losses.py); the retain term divides by 128 padded positions, which the
     # toy's 37-token rows fill as the official rows (mean 324 tokens) fill 1024. XSTest x12 weighs its
     # 64 dish answers against 800 UltraChat conversations as the official x50 does.
@@ -109,9 +109,9 @@ PRESETS = {
                 lora_init_std=5e-2, retain_pad_to=128, n_ultrachat=2000, xstest_repeat=12, val_every=0,
                 ckpt_every=0, log_every=10,
                 threads=1),  # matrices this small gain nothing from threads; on a busy CPU they cost
-    # A real chat model on 2 CPU cores (README, "A real model on a CPU", says how each value was chosen):
+    # A real chat model on 2 CPU cores (docs/smollm2.md, "The preset", says how each value was chosen):
     # the paper's relative depths (hidden states 10 and 20 of 30, LoRA on blocks 0-20), a set the model
-    # wrote itself (`python data.py build`), no refusal retain (it does not refuse), and the toy's lesson
+    # wrote itself (`python tools/build_set.py`), no refusal retain (it does not refuse), and the toy's lesson
     # that B starts as small noise. The retain term divides by 4096 positions, not 1024: SmolLM2's
     # residual stream is ~200 long at layers 10-20 (25,000 at the first token), and the cosine's gradient
     # shrinks as 1/|h| while the L2 distance's does not, so at 1024 the rerouting term barely moved. XSTest

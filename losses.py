@@ -22,8 +22,8 @@ harmful states to leave their original direction, not to go anywhere in particul
 Training starts where LoRA's B is zero, so h_new == h_orig: cos is at its maximum and the retain distance
 at its minimum, both gradients are exactly zero, and only rounding noise (which Adam normalises into real
 steps) moves the adapters at first; the official recipe relies on bf16 for it. Starting B as small noise
-(train.py --lora-init-std) leaves that point deterministically, as the toy preset does (README, "The toy
-world"). The `direction`, `random` and `eot` targets have a gradient from the first step anyway.
+(train.py --lora-init-std) leaves that point deterministically, as the toy preset does (docs/toy.md, "What
+the toy needed"). The `direction`, `random` and `eot` targets have a gradient from the first step anyway.
 
 Every rerouting variant is one function plus one entry in `LOSSES` at the end of this file; train.py's
 `--loss` choices, its help and the step's loss all come from there (README, "Adding a loss").

@@ -474,7 +474,7 @@ def main(argv=None):
         train(cfg)
     except torch.cuda.OutOfMemoryError:
         sys.exit("train.py: error: CUDA out of memory. Lower memory with --batch-size (e.g. 8), keep --grad-ckpt "
-                 "on, or shorten examples; see README 'Memory'.")
+                 "on, or shorten examples, or run the batch in pieces with --micro-batch 4 (the same gradients).")
     except (ValueError, TrainingError) as e:
         sys.exit(f"train.py: error: {e}")
     except OSError as e:  # a missing file, or an --out the system could not write (a full disk)

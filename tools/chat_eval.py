@@ -44,8 +44,8 @@ import torch
 
 import cli
 import hf
-from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct, attack_embed, attack_prefill,
-                     chat_prompt, check_attack, each_sample, load_evaluated, release)
+from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct,
+                     attack_embed, attack_prefill, chat_prompt, check_attack, each_sample, load_evaluated, release)
 from data import Example, evenly_spaced, load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
@@ -54,8 +54,8 @@ from scoring import (NOT_FROM_TOKENS, any_solution, nll_per_token, nll_sums, nll
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr")
 MODELS = ("base", "circuit_breaker")
-# Sizes at which a 2-core CPU evaluates a 135M model in minutes (README, "A real model on a CPU", says
-# what they cost); pass larger ones on a faster machine.
+# Sizes at which a 2-core CPU evaluates a 135M model in minutes (docs/smollm2.md, "Timings", says what
+# they cost); pass larger ones on a faster machine.
 CHAT_CONFIG = AttackConfig(batch_size=32, max_new_tokens=64, embed_steps=25)
 N_HARMFUL, N_BENIGN, N_EMBED, N_EMBED_STRONG = 80, 64, 8, 0
 MAX_LENGTH = 512  # prompt + answer of 128 tokens always fit: the layer picture never cuts one
@@ -233,8 +233,10 @@ def parse_args(argv):
     d = cli.keyword_defaults(evaluate_chat)
     cli.add_model_flags(p)
     p.add_argument("--harmbench", required=True, help="HarmBench JSON: its standard behaviours are attacked")
-    p.add_argument("--benign", required=True, help="held-out benign instructions, [{\"instruction\"}] (harmless_val.json)")
-    p.add_argument("--n-harmful", type=int, default=d["n_harmful"], help="standard behaviours attacked, evenly spaced through the file")
+    p.add_argument("--benign", required=True,
+                   help="held-out benign instructions, [{\"instruction\"}] (harmless_val.json)")
+    p.add_argument("--n-harmful", type=int, default=d["n_harmful"],
+                   help="standard behaviours attacked, evenly spaced through the file")
     p.add_argument("--n-benign", type=int, default=d["n_benign"], help="benign instructions asked")
     p.add_argument("--n-embed", type=int, default=d["n_embed"], help="behaviours the embed attack optimises")
     p.add_argument("--n-embed-strong", type=int, default=d["n_embed_strong"],

@@ -1,6 +1,6 @@
 """
 A seed sweep: train circuit breakers once per seed, evaluate each adapter, and report every metric's
-spread over the seeds. One run is one draw: README says how far a seed can move the toy's numbers, so a
+spread over the seeds. One run is one draw: docs/toy.md says how far a seed can move the toy's numbers, so a
 new loss or setting is judged on a sweep, not on a run.
 
     python tools/sweep.py --seeds 1,2,3,4,5 --out out/sweep/sweep.json                 # the toy preset

@@ -40,9 +40,9 @@ import cli
 import hf
 import refusal
 import toy
-from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_ablate, attack_direct,
-                     attack_embed, attack_jailbreak, attack_prefill, chat_prompt, check_attack, decoding, each_sample,
-                     load_evaluated, release)
+from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_ablate,
+                     attack_config, attack_direct, attack_embed, attack_jailbreak, attack_prefill, chat_prompt,
+                     check_attack, decoding, each_sample, load_evaluated, release)
 from layers import layers_table, measure_layers, text_cosines, write_layers
 from lora import merge_lora
 from scoring import (NOT_FROM_TOKENS, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold, outcome,
@@ -235,8 +235,9 @@ def evaluate_toy_layers(toy_root, adapter, *, limit=100, max_length=MAX_LENGTH, 
                           device=device, dtype=dtype)
 
 
-# refusal.py's filters, loosened for a 4-block model (README.md): it decides to refuse at its last block's
-# input, and no direction that leaves harmless answers alone also induces refusal when added.
+# refusal.py's filters, loosened for a 4-block model (docs/refusal_direction.md, "On the toy world"): it
+# decides to refuse at its last block's input, and no direction that leaves harmless answers alone also
+# induces refusal when added.
 TOY_DIRECTION_FILTERS = {"prune_layer_fraction": 0.0, "kl_threshold": 0.5, "induce_refusal_threshold": -math.inf}
 
 
@@ -310,7 +311,8 @@ def main(argv=None):
     try:
         cli.check_flags(args, ATTACK_MINIMUMS, {"out": False, "layers_out": False})
         if args.layers_out and not args.adapter:
-            raise ValueError("--layers-out needs --adapter: the layer picture compares the circuit breaker with the base")
+            raise ValueError("--layers-out needs --adapter: the layer picture compares the circuit breaker "
+                             "with the base")
         result = cli.call(evaluate_toy, args, cfg=attack_config(args, TOY_CONFIG))
         print(toy_table(result))
         cli.write_json(args.out, result)
