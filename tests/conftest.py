@@ -5,6 +5,7 @@ import path, as the commands themselves have them.)"""
 import dataclasses
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,25 @@ def read_only_dir(tmp_path):
 def no_space_left(*args, **kwargs):
     """A writer (hf.atomic_file, hf.atomic_dir, ...) on a full disk: what the system raises, naming no file."""
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what they deselect
+def pytest_collection_modifyitems(config, items):
+    """The toy world's end-to-end run (minutes on one thread) starts as soon as it is known to be wanted, in a
+    process of its own, so that the rest of the suite runs beside it."""
+    if any(item.path.name == "test_toy_e2e.py" for item in items):
+        from test_toy_e2e import Background
+        Background.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """An end-to-end run the session no longer waits for (a failure, ^C) is stopped, and its files removed."""
+    e2e = sys.modules.get("test_toy_e2e")
+    if e2e is not None and e2e.Background.process is not None:
+        if e2e.Background.process.poll() is None:
+            e2e.Background.process.kill()
+            e2e.Background.process.wait()
+        shutil.rmtree(e2e.Background.dir, ignore_errors=True)
 
 
 TOY_SEED = 0  # the seed of the small world below; tests/test_toy.py rebuilds parts of it with this seed

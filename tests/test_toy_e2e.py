@@ -6,31 +6,59 @@ moves harmful states at the deepest target layer away from the base model's whil
 
 The numbers themselves are not asserted: they are reproducible on one machine (every step runs on one
 thread, seeded), but floating-point kernels differ between CPUs, and the README says on which CPU its
-table was measured. Takes about eight minutes on two cores, most of it the world's pretraining."""
+table was measured. Takes about eight minutes on one core, most of it the world's pretraining, in a process
+started when this file is collected (conftest.py), beside the rest of the suite."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
-import torch
 
-import sweep
-import toy
 import train
 
 SEEDS = (1, 2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Background:
+    """The two commands a user types, `python tools/toy.py` and `python tools/sweep.py`, run in a process of
+    their own from the moment this file is collected: on one thread (the toy's matrices gain nothing from
+    more), so the rest of the suite runs beside them on the other core instead of waiting minutes for them."""
+    process = None
+
+    @classmethod
+    def start(cls):
+        cls.dir = Path(tempfile.mkdtemp(prefix="toy_e2e_"))
+        world, out = cls.dir / "toy", cls.dir / "sweep" / "sweep.json"
+        steps = [[sys.executable, ROOT / "tools" / "toy.py", "--root", world],
+                 [sys.executable, ROOT / "tools" / "sweep.py", "--seeds", ",".join(map(str, SEEDS)),
+                  "--model-path", world / "model", "--data-dir", world / "data", "--out", out]]
+        script = " && ".join(" ".join(f"'{a}'" for a in step) for step in steps)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        cls.log = open(cls.dir / "log.txt", "w")
+        cls.process = subprocess.Popen(["bash", "-c", script], cwd=cls.dir, env=env, stdout=cls.log,
+                                       stderr=subprocess.STDOUT)
+        cls.out = out
+
+    @classmethod
+    def result(cls, timeout=1800) -> dict:
+        if cls.process is None:
+            cls.start()
+        code = cls.process.wait(timeout=timeout)
+        cls.log.close()
+        log = (cls.dir / "log.txt").read_text()
+        assert code == 0, f"the toy world's build or sweep failed (exit {code}):\n{log[-4000:]}"
+        print(log[log.rfind("base   circuit_breaker"):])  # the sweep's table, shown with pytest -s
+        return json.loads(cls.out.read_text())
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the toy preset does: results then do not depend on the thread count
-    try:
-        toy.build_world(root, size="full", seed=0, log=lambda *a: None)
-        args = ["--model-path", str(root / "model"), "--data-dir", str(root / "data")]
-        result = sweep.run(list(SEEDS), args, root.parent / "sweep" / "sweep.json", log=lambda *a: None)
-        print(sweep.summary_table(result))  # shown with pytest -s
-        return result
-    finally:
-        torch.set_num_threads(threads)
+def result():
+    return Background.result()
 
 
 def circuit_breakers(result):
