@@ -33,6 +33,20 @@ def add_model_flags(p, adapter_required=False, required=True):
     p.add_argument("--adapter", required=adapter_required, help="PEFT adapter directory from train.py")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES], help="auto: bf16 on CUDA, fp32 on CPU")
+    add_threads_flag(p)
+
+
+def add_threads_flag(p, default: int = 0):
+    p.add_argument("--threads", type=int, default=default, help=f"CPU threads for torch (0: torch's default, one "
+                   f"per core; default {default}). On a machine other jobs share, fewer: threads that wait for "
+                   "each other on a busy CPU cost more than they add")
+
+
+def use_threads(threads: int):
+    """Refuse a negative --threads, then give torch that many CPU threads (0: leave torch's default)."""
+    check_least(threads, 0, "--threads")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def check_device(device: str):

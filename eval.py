@@ -381,6 +381,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cli.check_flags(args, MINIMUMS, {"out": False})  # a bad --out would fail only after the generation
+        cli.use_threads(args.threads)
         run(args)
     except ValueError as e:
         sys.exit(f"eval.py: error: {e}")

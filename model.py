@@ -228,6 +228,24 @@ class KVCache:
         return out
 
 
+class PackedPrefill:
+    """Generation's first pass runs the prompts packed one after another, with no padding (Packed rows);
+    each layer hands it the keys and values of that pass (1, K, N, E), and it writes each row's into the
+    cache right-aligned to T0, where left padding would have put them, so decoding goes on as if the
+    prompts had been left-padded."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor, T0: int):
+        self.cache, self.rows, self.slots, self.T0 = cache, rows, slots, T0  # rows, slots (N,): each token's place
+        self.length = 0
+
+    def update(self, k, v):
+        """k, v (1, K, N, E) -> the same, for the packed attention of this pass."""
+        self.cache.k[self.rows, :, self.slots] = k[0].transpose(0, 1)  # (N, K, E)
+        self.cache.v[self.rows, :, self.slots] = v[0].transpose(0, 1)
+        self.cache.length = self.T0
+        return k, v
+
+
 def project(x, *layers) -> list:
     """[layer(x) for each layer]. Layers that can share the work on a common input say how with a
     `project_together(x, layers)` method (LoRA layers: one dropout and one matmul for all their A's);
@@ -392,23 +410,21 @@ class Transformer(nn.Module):
         device, dtype = self.model.embed_tokens.weight.device, self.model.embed_tokens.weight.dtype
         if embeds is None:
             embeds = [self.embed(torch.tensor(p, dtype=torch.long, device=device)) for p in prompts]
-        B, T0 = len(embeds), max(e.shape[0] for e in embeds)
-        S_max = T0 + max_new_tokens
-        x = torch.zeros(B, T0, self.args.dim, dtype=dtype, device=device)
-        key_mask = torch.zeros(B, S_max, dtype=torch.long, device=device)
-        for b, e in enumerate(embeds):
-            x[b, T0 - e.shape[0]:] = e.to(device, dtype)  # left padding
-            key_mask[b, T0 - e.shape[0]:T0] = 1
-        cache = [KVCache(B, self.args.n_kv_heads, S_max, self.args.head_dim, dtype, device)
+        lengths = [e.shape[0] for e in embeds]
+        B, T0 = len(embeds), max(lengths)
+        key_mask = torch.zeros(B, T0 + max_new_tokens, dtype=torch.long, device=device)  # left-padded prompts
+        for b, n in enumerate(lengths):
+            key_mask[b, T0 - n:T0] = 1
+        cache = [KVCache(B, self.args.n_kv_heads, T0 + max_new_tokens, self.args.head_dim, dtype, device)
                  for _ in self.model.layers]
+        logits = self._prefill(embeds, lengths, cache)  # (B, V)
 
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         n_new = torch.zeros(B, dtype=torch.long, device=device)
-        logits, _ = self._run(x, key_mask[:, :T0], cache)
         for t in range(max_new_tokens):
-            token = sample(logits[:, -1].float(), temperature, top_p, generator)  # (B,)
+            token = sample(logits.float(), temperature, top_p, generator)  # (B,)
             done |= torch.isin(token, stop)
             out[:, t] = token
             n_new += (~done).long()
@@ -416,7 +432,22 @@ class Transformer(nn.Module):
                 break
             key_mask[:, T0 + t] = 1
             logits, _ = self._run(self.embed(token[:, None]), key_mask[:, :T0 + t + 1], cache)
+            logits = logits[:, -1]  # (B, V)
         return [out[b, :n_new[b]].tolist() for b in range(B)]
+
+    def _prefill(self, embeds, lengths, cache: list[KVCache]) -> torch.Tensor:
+        """The prompts' pass: packed one after another (no padding to compute), their keys and values into
+        the caches (PackedPrefill), and the logits at each prompt's last token only -> (B, V)."""
+        device, dtype = self.model.embed_tokens.weight.device, self.model.embed_tokens.weight.dtype
+        N, T0 = sum(lengths), max(lengths)
+        rows = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)  # (N,)
+        slots = torch.cat([torch.arange(T0 - n, T0) for n in lengths]).to(device)  # (N,)
+        fills = [PackedPrefill(c, rows, slots, T0) for c in cache]
+        x = torch.cat([e.to(device, dtype) for e in embeds])[None]  # (1, N, D)
+        _, hiddens = self._run(x, packed(lengths, N, self.args.sliding_window), fills,
+                               last_layer=len(self.model.layers))
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1  # (B,) each prompt's last token
+        return self.lm_head(self.model.norm(hiddens[-1][0, last]))  # (B, V)
 
 
 # -----------------------------------------------------------------------------

@@ -581,6 +581,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_threads_flag(p)
     p.add_argument("--dtype", default="auto", choices=["auto", *hf.DTYPES],
                    help="auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
@@ -597,6 +598,7 @@ def main(argv=None):
     try:
         # before the model is loaded: a bad --out would otherwise fail only after the search
         cli.check_flags(args, {"n_train": 1, "n_val": 1, "batch_size": 1}, {"out": False, "export": True})
+        cli.use_threads(args.threads)
         dtype = hf.pick_dtype(args.dtype, args.device)
         model = hf.load_pretrained(args.model_path, dtype=dtype, device=args.device).eval()
         model.requires_grad_(False)

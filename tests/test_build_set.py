@@ -119,6 +119,7 @@ def test_build_bad_input(tmp_path, script_fails):
     script_fails("tools/build_set.py", *base, "--out", tmp_path / "o3", "--n-harmless", 0, match="--n-harmless 0")
     script_fails("tools/build_set.py", *base, "--out", tmp_path / "o4", "--n-harmful", 99, match="only 20 harmful")
     script_fails("tools/build_set.py", *base, "--out", tmp_path / "o5", "--bleu", 2, match="--bleu 2")
+    script_fails("tools/build_set.py", *base, "--out", tmp_path / "o7", "--threads", -1, match="--threads -1")
     script_fails("tools/build_set.py", *base, "--out", tmp_path / "o6", "--max-new-tokens", 100000,
                  match="--max-new-tokens 100000: expected fewer than the model's context of 2048 tokens")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())  # nothing half-written

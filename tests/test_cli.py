@@ -68,3 +68,16 @@ def test_os_error_names_the_file_or_else_the_output():
     assert cli.os_error(denied, "--out", "o.json") == "model/config.json: Permission denied"
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert cli.os_error(full, "--out", "o.json") == "--out o.json: could not write (No space left on device)"
+
+
+def test_threads_are_set_when_given_and_left_to_torch_otherwise(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.torch, "set_num_threads", calls.append)
+    cli.use_threads(0)
+    cli.use_threads(3)
+    assert calls == [3]
+    with pytest.raises(ValueError, match="--threads -1: must be at least 0"):
+        cli.use_threads(-1)
+    parser = argparse.ArgumentParser()
+    cli.add_threads_flag(parser, default=1)
+    assert parser.parse_args([]).threads == 1 and parser.parse_args(["--threads", "2"]).threads == 2

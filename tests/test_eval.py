@@ -687,6 +687,7 @@ def test_adapter_for_another_base_model(tiny, tmp_path, capsys, no_evaluation):
     (["--repe-coeff", "nan"], "--repe-coeff nan: expected a finite number"),
     (["--samples", "2", "--temperature", "inf"], "--temperature inf: must be 0 (greedy) or a positive finite"),
     (["--seed", "-1"], "--seed -1: expected a whole number from 0 to 2**64 - 1"),
+    (["--threads", "-2"], "--threads -2: must be at least 0"),
 ])
 def test_toy_command_refuses_bad_attack_values_before_loading_a_model(toy_world, tmp_path, capsys, no_evaluation,
                                                                       flags, match):
@@ -762,6 +763,7 @@ def cli_files(chat_model, tmp_path):
     (["--out", "{earlier}", "--samples", "2", "--temperature", "inf"],
      "--temperature inf: must be 0 (greedy) or a positive finite number"),
     (["--out", "{earlier}", "--seed", str(2**64)], f"--seed {2**64}: expected a whole number from 0 to 2**64 - 1"),
+    (["--out", "{earlier}", "--threads", "-1"], "--threads -1: must be at least 0"),
 ])
 def test_cli_refuses_bad_flags_before_loading_a_model(chat_model, cli_files, tmp_path, script_fails, flags, match):
     flags = [f.format(dir=tmp_path, earlier=cli_files["earlier"]) for f in flags]

@@ -7,8 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for parity tests")
 
+from data import left_padded  # noqa: E402
 from hf import load_pretrained  # noqa: E402
-from model import ModelArgs, projection_shapes  # noqa: E402
+from model import KVCache, ModelArgs, projection_shapes  # noqa: E402
 
 TOL = 1e-4
 T = 24  # longer than the Llama-3.1 original context and the Mistral window below
@@ -155,6 +156,34 @@ def test_greedy_generate_equals_hf(pair):
     ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                       pad_token_id=0, eos_token_id=None)
     assert new == ref[:, 6:].tolist()
+
+
+def test_prefill_runs_the_prompts_packed_and_fills_the_cache_as_left_padding_would(pair):
+    """generate's first pass packs the prompts one after another (no padding to compute): each row's next-token
+    logits, and its keys and values in the cache, right-aligned, are those of the left-padded batch's pass."""
+    _, _, ours, _ = pair
+    prompts = [[1, 5, 7, 9, 11, 13, 17, 19, 23], [1, 40, 41], [1, 8]]  # 9 > Mistral's window of 5
+    lengths, T0, a = [len(p) for p in prompts], 9, ours.args
+
+    def caches():
+        return [KVCache(len(prompts), a.n_kv_heads, T0, a.head_dim, torch.float32, "cpu") for _ in ours.model.layers]
+    padded, packed = caches(), caches()
+    with torch.no_grad():
+        logits, _ = ours(*left_padded(prompts, 0), cache=padded)  # (B, T0, V)
+        first = ours._prefill([ours.embed(torch.tensor(p)) for p in prompts], lengths, packed)  # (B, V)
+    torch.testing.assert_close(first, logits[:, -1], atol=1e-5, rtol=0)
+    for by_padding, by_packing in zip(padded, packed, strict=True):
+        assert by_packing.length == T0
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(by_packing.k[row, :, T0 - n:], by_padding.k[row, :, T0 - n:], atol=1e-5, rtol=0)
+            torch.testing.assert_close(by_packing.v[row, :, T0 - n:], by_padding.v[row, :, T0 - n:], atol=1e-5, rtol=0)
+
+
+def test_a_row_generates_the_same_alone_and_in_a_batch(pair):
+    _, _, ours, _ = pair
+    prompts = [[1, 5, 7, 9, 11, 13], [1, 40, 41], [1, 8, 9, 10]]
+    together = ours.generate(prompts, max_new_tokens=10)
+    assert together == [ours.generate([p], max_new_tokens=10)[0] for p in prompts]
 
 
 def test_generate_stops_at_stop_ids(pair):

@@ -437,6 +437,7 @@ def test_cli_refuses_bad_flags_before_loading_the_model(cli_model, tmp_path, scr
     script_fails(*search, "--out", earlier / "d.safetensors", match="earlier.safetensors is a file, not a directory")
     script_fails(*search, "--out", earlier, "--export", earlier, match="is a file; expected a directory")
     script_fails(*search, "--out", earlier, "--batch-size", 0, match="--batch-size 0: must be at least 1")
+    script_fails(*search, "--out", earlier, "--threads", -1, match="--threads -1: must be at least 0")
     script_fails(*search, "--out", earlier, "--device", "cuda", match="--device cuda: no CUDA GPU")
     assert earlier.read_bytes() == before
 

@@ -287,6 +287,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
     add("--profile", action="store_true", help="profile two of our steps instead of timing: top kernels, GPU busy")
     add("--out", help="also write the JSON record to this file")
+    cli.add_threads_flag(p)
     g = p.add_argument_group("generation (--generate: bench_generate.py, ours against transformers' generate)")
     g.add_argument("--generate", action="store_true", help="time generation instead of training steps")
     g.add_argument("--model-path", help="HF model directory with its tokenizer and chat template")
@@ -383,7 +384,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     try:
-        record = {"command": " ".join(["python bench.py", *argv]), **bench(a)}
+        cli.use_threads(a.threads)
+        record = {"command": " ".join(["python tools/bench.py", *argv]), **bench(a)}
         print(json.dumps(record, indent=2))
         if a.out:
             with hf.atomic_file(a.out) as tmp:

@@ -154,6 +154,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which instructions are drawn, and the val split")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together")
     p.add_argument("--device", default="cpu")
+    cli.add_threads_flag(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     return p.parse_args(argv)
 
@@ -169,7 +170,7 @@ def check_out(out: Path):
 def check_args(args):
     """Every flag and input file, before the model is loaded (generation takes minutes)."""
     cli.check_flags(args, {"n_harmful": 1, "n_val": 1, "n_harmless": 1, "max_new_tokens": 1,
-                           "batch_size": 1}, {})
+                           "batch_size": 1, "threads": 0}, {})
     if not 0 < args.bleu <= 1:
         raise ValueError(f"--bleu {args.bleu}: expected a value in (0, 1]")
     check_out(Path(args.out))
@@ -217,6 +218,7 @@ def build(args) -> dict:
         raise ValueError(f"--n-val {args.n_val}: needs more than {args.n_val} harmful instructions, "
                          f"{len(harmful_used)} are left")
 
+    cli.use_threads(args.threads)
     tok = hf.load_tokenizer(args.model_path)  # checked against the model's vocabulary before its weights load
     dtype = hf.pick_dtype(args.dtype, args.device)
     model = hf.load_model(args.model_path, dtype=dtype, device=args.device).eval()

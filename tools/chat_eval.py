@@ -251,6 +251,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cli.check_flags(args, MINIMUMS, {"out": False})  # a bad --out would fail only after the generation
+        cli.use_threads(args.threads)
         result = cli.call(evaluate_chat, args, cfg=attack_config(args, CHAT_CONFIG))
         print(chat_table(result))
         cli.write_json(args.out, result)

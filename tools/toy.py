@@ -57,7 +57,7 @@ the exact answer appears) score generations.
 The model was trained in fp32; load it with `hf.load_pretrained(root / "model", dtype=torch.float32)`.
 Generation stops at the tokenizer's stop ids; greedy decoding with 64 new tokens fits every answer.
 
-Command: `python toy.py [--size full|small] [--root DIR] [--seed N]`. "small" has fewer items and a
+Command: `python tools/toy.py [--size full|small] [--root DIR] [--seed N] [--threads N]`. "small" has fewer items and a
 smaller model; tests build its files (with a few pretraining steps).
 """
 
@@ -658,14 +658,14 @@ WORLD_KEYS = ("refusal", "jailbreak_template", "harmful_eval", "benign_eval", "i
 def load_world(root=ROOT) -> dict:
     path = Path(root) / "world.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; build the toy world with `python toy.py`")
+        raise FileNotFoundError(f"{path}: missing; build the toy world with `python tools/toy.py`")
     try:
         world = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     missing = [k for k in WORLD_KEYS if not isinstance(world, dict) or k not in world]
     if missing:
-        raise ValueError(f"{path}: not a toy world: no {missing[0]!r} (rebuild it with `python toy.py`)")
+        raise ValueError(f"{path}: not a toy world: no {missing[0]!r} (rebuild it with `python tools/toy.py`)")
     return world
 
 
@@ -705,11 +705,13 @@ def main(argv=None):
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--seed", type=int, default=0)
+    from cli import add_threads_flag, check_output, os_error, use_threads
+    add_threads_flag(parser, default=1)  # one thread: the world then comes out the same whatever the core count
     args = parser.parse_args(argv)
-    from cli import check_output, os_error
 
     try:
         check_output(args.root, "--root", directory=True)  # before the minutes of pretraining
+        use_threads(args.threads)
         world = build_world(args.root, args.size, args.seed)
     except ValueError as e:
         sys.exit(f"toy.py: error: {e}")

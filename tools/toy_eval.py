@@ -57,7 +57,7 @@ MAX_LENGTH = 1024  # more than any toy text: the layer analysis never cuts one
 
 
 def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = None, device="cpu", direction=None,
-                 search=True, models=None, threshold=None, log=print) -> dict:
+                 search=True, models=None, threshold=None, threads=1, log=print) -> dict:
     """{"base": {...}, "circuit_breaker": {...}} (the latter only with an adapter), each with
     benign_accuracy and the ASR of every attack on the held-out harmful items, the counts behind each
     rate, and every generation; the circuit-broken model also has its layer cosines. `models` picks
@@ -87,7 +87,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
         direction = refusal.load_direction(direction, hf.model_args(hf.read_config(model_path)))
 
     out = {}
-    with one_thread(device):
+    with cpu_threads(device, threads):
         if "base" in models:
             log("toy evaluation: base")
             model, tok = load_evaluated(model_path, None, torch.float32, device)
@@ -129,12 +129,13 @@ def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction, 
 
 
 @contextmanager
-def one_thread(device):
-    """On a CPU, one torch thread inside the block: a model this small gains nothing from threads, whose
-    handshakes cost up to 30x on a busy CPU. The thread count is restored after."""
+def cpu_threads(device, n: int = 1):
+    """On a CPU, n torch threads inside the block (0: torch's default), one unless told otherwise: a model this
+    small gains nothing from threads, whose handshakes cost up to 30x on a busy CPU, and one thread's numbers
+    do not depend on the machine's core count. The thread count is restored after."""
     threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
+    if device == "cpu" and n:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -245,7 +246,7 @@ def base_direction(toy_root, device="cpu", log=print):
     """The base toy model's refusal direction (toy_direction), with the model loaded for it."""
     model_path = Path(toy_root) / "model"
     model, _ = load_evaluated(model_path, None, torch.float32, device)
-    with one_thread(device):
+    with cpu_threads(device):
         direction = toy_direction(model, model_path, Path(toy_root), log)
     del model
     release()
@@ -300,6 +301,7 @@ def parse_args(argv):
     p.add_argument("--direction", help="refusal direction file (default: refusal.py run on the base model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="results JSON")
+    cli.add_threads_flag(p, default=d["threads"])
     p.add_argument("--layers-out", help="also the circuit breaker's layer picture on the held-out texts: a CSV, "
                    "and a PNG beside it with matplotlib (needs --adapter)")
     add_attack_flags(p, TOY_CONFIG)
@@ -309,7 +311,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cli.check_flags(args, ATTACK_MINIMUMS, {"out": False, "layers_out": False})
+        cli.check_flags(args, {**ATTACK_MINIMUMS, "threads": 0}, {"out": False, "layers_out": False})
         if args.layers_out and not args.adapter:
             raise ValueError("--layers-out needs --adapter: the layer picture compares the circuit breaker "
                              "with the base")
@@ -318,7 +320,8 @@ def main(argv=None):
         cli.write_json(args.out, result)
         print(f"wrote {args.out}")
         if args.layers_out:
-            layers = evaluate_toy_layers(args.toy_root, args.adapter, device=args.device)
+            with cpu_threads(args.device, args.threads):
+                layers = evaluate_toy_layers(args.toy_root, args.adapter, device=args.device)
             print(layers_table(layers))
             png = write_layers(layers, Path(args.layers_out))
             print(f"wrote {args.layers_out}" + (f" and {png}" if png else " (install matplotlib for a PNG plot)"))
