@@ -321,12 +321,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the refusals drawn, the order of examples, LoRA's start")
     p.add_argument("--log-every", type=int, default=8, help="steps between progress lines")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_threads_flag(p)
     return p.parse_args(argv)
 
 
 def check_args(args):
     """Every flag and every input's presence, before any file is read."""
-    cli.check_flags(args, {"steps": 1, "batch_size": 1, "max_length": 2, "log_every": 1}, {})
+    cli.check_flags(args, {"steps": 1, "batch_size": 1, "max_length": 2, "log_every": 1, "threads": 0}, {})
     cli.check_seed(args.seed)
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr {args.lr}: expected a positive number")
@@ -385,6 +386,7 @@ def run(args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
+        cli.use_threads(args.threads)
         summary = run(args)
     except ValueError as e:
         sys.exit(f"teach_refusal.py: error: {e}")
