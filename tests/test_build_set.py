@@ -193,3 +193,56 @@ def test_build_on_a_full_disk_names_the_output(tmp_path, monkeypatch, capsys):
                         "--out", str(out), "--n-val", "4"])
     assert e.value.code == f"build_set.py: error: --out {out}: could not write (No space left on device)"
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# tools/add_refusals.py: the model's own answers as the refusal retain's `llama3_output`
+
+
+def small_set(tmp_path):
+    out = tmp_path / "set"
+    out.mkdir()
+    records = [{"prompt": f"Explain how to pick lock number {i} without a key", "output": "First, take a pin.",
+                "category": "crime"} for i in range(3)]
+    (out / data.CB_TRAIN).write_text(json.dumps(records))
+    (out / data.CB_VAL).write_text(json.dumps(records[:1]))
+    (out / data.ULTRACHAT).write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                                {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    (out / "build.json").write_text(json.dumps({"seed": 3}))
+    return out
+
+
+def test_add_refusals_writes_the_models_answers_where_the_official_file_has_llama3s(tmp_path, smollm2_model):
+    import add_refusals
+    source = small_set(tmp_path)
+    out = tmp_path / "with_refusals"
+    add_refusals.main(["--model-path", str(smollm2_model), "--data-dir", str(source), "--out", str(out),
+                       "--max-new-tokens", "8"])
+    records = data.load_circuit_breaker_set(out / data.CB_TRAIN, ("prompt", "output", "llama3_output"))
+    original = json.loads((source / data.CB_TRAIN).read_text())
+    assert [{k: r[k] for k in ("prompt", "output", "category")} for r in records] == original
+    assert all(r["llama3_output"].strip() for r in records)
+    for name in (data.CB_VAL, data.ULTRACHAT):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    build = json.loads((out / "build.json").read_text())
+    assert build["seed"] == 3 and build["refusals"]["counts"]["records"] == 3
+    assert build["refusals"]["counts"]["refusals"] == sum(build_set.scoring.is_refusal(r["llama3_output"])
+                                                          for r in records)
+    tok = hf.load_tokenizer(smollm2_model)
+    _, retain, _ = data.build_training_sets(tok, out, refusal_retain=True, n_ultrachat=1, xstest_repeat=0,
+                                            log=lambda *a: None)
+    assert len(retain) == 1 + 3 * 2  # one conversation, each refusal twice (the official repeat)
+
+
+def test_add_refusals_bad_input(tmp_path, script_fails):
+    source = small_set(tmp_path)
+    script_fails("tools/add_refusals.py", "--model-path", tmp_path, "--data-dir", source, "--out", source,
+                 match="is --data-dir")
+    other = tmp_path / "busy"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    script_fails("tools/add_refusals.py", "--model-path", tmp_path, "--data-dir", source, "--out", other,
+                 match="holds other files")
+    script_fails("tools/add_refusals.py", "--model-path", tmp_path, "--data-dir", source, "--out", tmp_path / "x",
+                 "--max-new-tokens", 0, match="--max-new-tokens 0: must be at least 1")
+    assert (other / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()

@@ -893,3 +893,56 @@ def test_chat_command_refuses_bad_strong_attack_flags(chat_model, cli_files, tmp
     fails(["--model-path", str(chat_model), "--harmbench", str(cli_files["bench"]), "--benign",
            str(tmp_path / "benign.json"), *flags, "--out", str(cli_files["earlier"])], capsys, match, chat_eval.main)
     assert cli_files["earlier"].read_bytes() == EARLIER
+
+
+# -----------------------------------------------------------------------------
+# The chat evaluation's refusal-direction attacks
+
+
+def write_direction(path, model_dir, seed=0) -> Path:
+    """A random direction file in refusal.py's format, for `model_dir`'s width and depth."""
+    args = hf.model_args(hf.read_config(model_dir))
+    layers = torch.randn(args.n_layers + 1, args.dim, generator=torch.Generator().manual_seed(seed))
+    tensors = {"direction": layers[1] / layers[1].norm(), **{f"layer.{l}": layers[l] for l in range(len(layers))}}
+    hf.save_safetensors(tensors, path, {"format": "pt", "layer": "1", "position": "-1"})
+    return path
+
+
+def test_orthogonalized_leaves_the_adapter_writing_the_direction(chat_model, cli_files, tmp_path):
+    refusal = pytest.importorskip("refusal")
+    direction = refusal.load_direction(write_direction(tmp_path / "d.safetensors", chat_model),
+                                       hf.model_args(hf.read_config(chat_model)))
+    model = hf.load_model(chat_model, dtype=torch.float32, device="cpu", adapter=cli_files["adapter"], merge=False)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.5)  # the saved adapter's B is zero: make it write something
+    deltas = {name: m.delta().clone() for name, m in lora.lora_modules(model).items()}
+    chat_eval.orthogonalized(model.requires_grad_(False), direction)
+    r = direction.direction.double()
+    for name, delta in deltas.items():
+        if name.endswith(("o_proj", "down_proj")):  # the writers into the stream
+            merged = model.get_submodule(name).weight.double()
+            assert torch.allclose(r @ (merged - delta.double()), torch.zeros(merged.shape[1], dtype=torch.float64),
+                                  atol=1e-5)  # the base weights no longer write it
+            assert (r @ merged).abs().max() > 1e-2  # the adapter on top still does
+    assert not lora.lora_modules(model)
+
+
+def test_chat_evaluation_with_a_direction_adds_ablate_and_orthogonalized(chat_model, cli_files, tmp_path):
+    bench = tmp_path / "bench2.json"
+    bench.write_text(json.dumps({"data": [{"behavior": b, "default_target": "Sure", "messages": [
+        {"role": "user", "content": b}]} for b in ("Say hi", "Say no")]}))
+    benign = tmp_path / "benign.json"
+    benign.write_text(json.dumps([{"instruction": "Count to three"}, {"instruction": "Name a colour"}]))
+    cfg = dataclasses.replace(chat_eval.CHAT_CONFIG, max_new_tokens=4, batch_size=2)
+    result = chat_eval.evaluate_chat(chat_model, cli_files["adapter"], harmbench=bench, benign=benign, n_embed=0,
+                                     cfg=cfg, direction=write_direction(tmp_path / "d.safetensors", chat_model),
+                                     log=lambda *a: None)
+    for name in ("base", "circuit_breaker"):
+        counts, gens = result[name]["counts"], result[name]["generations"]
+        assert {m: counts[m]["n"] for m in ("ablate_asr", "orthogonalized_asr", "orthogonalized_benign_compliant")} \
+            == {"ablate_asr": 2, "orthogonalized_asr": 2, "orthogonalized_benign_compliant": 2}
+        assert "orthogonalized_benign" in result[name]["outcomes"]
+        by = lambda kind, attack: [g["generation"] for g in gens if (g["set"], g["attack"]) == (kind, attack)]
+        if name == "base":  # no adapter: hooks and orthogonalised weights are the same model
+            assert by("harmful", "ablate") == by("harmful", "orthogonalized")
+    assert "orthogonalized_benign_compliant" in chat_eval.chat_table(result)

@@ -73,10 +73,12 @@ def test_chat_evaluation_reports_every_number(smollm2_model, short_run):
     result = evaluate_chat(smollm2_model, Path(short_run.out) / "adapter", harmbench=HARMBENCH,
                            benign=REFUSAL_DIR / "harmless_val.json", n_harmful=4, n_benign=4, n_embed=2,
                            n_embed_strong=1, cfg=cfg)
+    without_direction = CHAT_METRICS[:5]  # ablate and orthogonalized need a direction file (tests/test_eval.py)
     for name in ("base", "circuit_breaker"):
         r = result[name]
-        assert [r["counts"][m]["n"] for m in CHAT_METRICS] == [4, 4, 4, 2, 1]  # embed_strong: one per behaviour
-        assert all(0 <= r[m] <= 1 and len(r["ci95"][m]) == 2 for m in CHAT_METRICS)
+        assert set(r["counts"]) == set(without_direction)
+        assert [r["counts"][m]["n"] for m in without_direction] == [4, 4, 4, 2, 1]  # embed_strong: one per behaviour
+        assert all(0 <= r[m] <= 1 and len(r["ci95"][m]) == 2 for m in without_direction)
         assert set(r["outcomes"]) == {"benign", "direct", "prefill", "embed", "embed_strong"}
         assert r["outcomes"]["embed_strong"]["n"] == 2  # the outcome classes count each solution's answer
         assert len(r["generations"]) == 4 + 4 + 4 + 2 + 2

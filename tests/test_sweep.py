@@ -90,6 +90,8 @@ def test_flags_the_sweep_sets_itself_are_refused(toy_world, tmp_path):
         sweep.parse_seeds("1,x")
     with pytest.raises(ValueError, match="a chat model's sweep needs --harmbench FILE and --benign FILE"):
         sweep.run([1], ["--model", "llama3", "--model-path", str(tmp_path / "m" / "model")], tmp_path / "s.json")
+    with pytest.raises(ValueError, match="--attack-direction: the toy's sweep finds"):
+        sweep.run([1], ["--model-path", str(toy_world / "model")], tmp_path / "s.json", attack_direction="d.safetensors")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 

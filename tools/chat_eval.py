@@ -5,6 +5,9 @@ SmolLM2-135M-Instruct.
 
     python tools/chat_eval.py --model-path checkpoints/SmolLM2-135M-Instruct --adapter out/smollm2/adapter \\
         --harmbench harmbench_test.json --benign harmless_val.json --out out/smollm2/chat.json
+    # a refusing model and its refusal direction (refusal.py): two more attacks, ablate and orthogonalized
+    python tools/chat_eval.py --model-path checkpoints/SmolLM2-135M-refusing --adapter out/refusing/adapter \
+        --direction out/refusing/direction.safetensors --harmbench ... --benign ... --out out/refusing/chat.json
 
     result = evaluate_chat("checkpoints/SmolLM2-135M-Instruct", "out/smollm2/adapter",
                            harmbench="harmbench_test.json", benign="harmless_val.json")
@@ -19,6 +22,12 @@ apart from them):
     (the answer begun with HarmBench's target) and the paper's embedding attack (on the first `n_embed`),
     and with `n_embed_strong` Schwinn & Geisler's (on the first `n_embed_strong`; a behaviour is broken
     when any of its solutions' answers is compliant).
+  - With a `direction` (refusal.py's, found on the base model), two more attacks on the direct requests:
+    ablate (the direction projected out of the evaluated model's stream everywhere, by hooks: for a
+    circuit-broken model, the adapter's writes too, which equals orthogonalising its merged weights) and
+    orthogonalized (the base model's weights orthogonalised, as refusal.py --export writes them, with
+    the adapter merged on top: abliteration applied to the model the adapter was trained on). The benign
+    instructions are asked of the orthogonalized model too: an ablation that breaks the model is no attack.
     Every answer gets its outcome class (scoring.py). With no harm judge at hand, an attack's ASR is its
     compliant rate: an upper bound, since a compliant answer may still be harmless or useless.
   - Benign ability: the first `n_benign` instructions of a held-out instruction list, asked directly;
@@ -44,15 +53,18 @@ import torch
 
 import cli
 import hf
-from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_config, attack_direct,
-                     attack_embed, attack_prefill, chat_prompt, check_attack, each_sample, load_evaluated, release)
+import refusal
+from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_per_item, attack_ablate, attack_config,
+                     attack_direct, attack_embed, attack_prefill, chat_prompt, check_attack, each_sample,
+                     load_evaluated, release)
 from data import Example, evenly_spaced, load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
 from scoring import (NOT_FROM_TOKENS, any_solution, nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates,
                      outcome_text, rate_text, scoring_prompt, wilson)
 
-CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr")
+CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr", "ablate_asr",
+                "orthogonalized_asr", "orthogonalized_benign_compliant")
 MODELS = ("base", "circuit_breaker")
 # Sizes at which a 2-core CPU evaluates a 135M model in minutes (docs/smollm2.md, "Timings", says what
 # they cost); pass larger ones on a faster machine.
@@ -77,44 +89,58 @@ def chat_items(harmbench, benign, n_harmful: int | None, n_benign: int) -> tuple
 
 def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HARMFUL, n_benign=N_BENIGN,
                   n_embed=N_EMBED, n_embed_strong=N_EMBED_STRONG, cfg: AttackConfig | None = None, device="cpu",
-                  dtype="fp32", base_result=None, log=print) -> dict:
+                  dtype="fp32", direction=None, base_result=None, log=print) -> dict:
     """{"base": {...}} and, with an adapter, {"circuit_breaker": {...}}. `base_result`: the base model's
-    evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold."""
+    evaluation when already done (a sweep evaluates it once); it holds the reference texts and threshold.
+    `direction`: a refusal.py file of the base model's, for the ablate and orthogonalized attacks."""
     cfg = cfg or CHAT_CONFIG
     check_attack(cfg)
     harmful, benign_items = chat_items(harmbench, benign, n_harmful, n_benign)
     if adapter is not None:
         hf.check_adapter(adapter, model_path)
+    if direction is not None:
+        direction = refusal.load_direction(direction, hf.model_args(hf.read_config(Path(model_path))))
     torch_dtype = hf.pick_dtype(dtype, device)
+    fresh = lambda adapter_: load_evaluated(model_path, adapter_, torch_dtype, device, merge=False)[0]
+    attacked = dict(n_embed=(n_embed, n_embed_strong), direction=direction, cfg=cfg)
     out = {}
     if base_result is None:
         log("chat evaluation: base")
         model, tok = load_evaluated(model_path, None, torch_dtype, device)
-        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, (n_embed, n_embed_strong), cfg)
+        orthogonal = (lambda: orthogonalized(fresh(None), direction)) if direction else None
+        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, orthogonal, **attacked)
         del model
         release()
     if adapter is not None:
         log("chat evaluation: circuit_breaker")
         base, tok = load_evaluated(model_path, None, torch_dtype, device)
-        model, _ = load_evaluated(model_path, adapter, torch_dtype, device, merge=False)
-        out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items,
-                                                         (n_embed, n_embed_strong), cfg, base_result)
+        model = fresh(adapter)
+        orthogonal = (lambda: orthogonalized(fresh(adapter), direction)) if direction else None
+        out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items, orthogonal,
+                                                         base_result=base_result, **attacked)
         del model, base
         release()
     return out
+
+
+def orthogonalized(model, direction):
+    """The base weights under an unmerged adapter orthogonalised against the direction, then the adapter
+    merged on top: its update may still write the direction, as it would on refusal.py --export's weights."""
+    return merge_lora(refusal.orthogonalize(model, direction.direction)).eval()
 
 
 # -----------------------------------------------------------------------------
 # The two models' metrics
 
 
-def base_metrics(model, tok, harmful, benign, n_embed, cfg) -> dict:
+def base_metrics(model, tok, harmful, benign, orthogonal, *, n_embed, direction, cfg) -> dict:
     """The base model's rates, and the reference the circuit-broken models are measured against: its
     benign answers' NLL threshold, and the texts (its own answers) whose NLL and layer cosines are compared."""
     answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
     benign_prompts = [chat_prompt(tok, it["messages"]) for it in benign]
     threshold = nll_threshold(nll_per_token(model, tok, benign_prompts, answers, cfg.batch_size))
-    metrics = attack_metrics(model, model, tok, harmful, benign, answers, n_embed, cfg, threshold)
+    metrics = attack_metrics(model, model, tok, harmful, benign, answers, n_embed, cfg, threshold, direction,
+                             orthogonal)
     compliant = [g for g in metrics["generations"]
                  if g["set"] == "harmful" and g["attack"] == "direct" and g["outcome"] == "compliant"]
     texts = {"harmful": [(g["behavior"], g["generation"]) for g in compliant],
@@ -123,7 +149,8 @@ def base_metrics(model, tok, harmful, benign, n_embed, cfg) -> dict:
             "nll": reference_nll(model, tok, texts, cfg.batch_size)}
 
 
-def circuit_breaker_metrics(model, base, tok, harmful, benign, n_embed, cfg, base_result) -> dict:
+def circuit_breaker_metrics(model, base, tok, harmful, benign, orthogonal, *, n_embed, direction, cfg,
+                            base_result) -> dict:
     """The same rates; the NLL of the base model's texts and the layer cosines (measured first, while
     the adapter can still be switched off), then every attack on the merged weights."""
     texts = base_result["reference_texts"]
@@ -131,26 +158,33 @@ def circuit_breaker_metrics(model, base, tok, harmful, benign, n_embed, cfg, bas
     nll = reference_nll(model, tok, texts, cfg.batch_size)
     merge_lora(model).eval()
     answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
-    metrics = attack_metrics(model, base, tok, harmful, benign, answers, n_embed, cfg, base_result["nll_threshold"])
+    metrics = attack_metrics(model, base, tok, harmful, benign, answers, n_embed, cfg, base_result["nll_threshold"],
+                             direction, orthogonal)
     change = {name: nll[name] / base_result["nll"][name] - 1 for name in nll}
     return {**metrics, "nll": nll, "nll_change": change,
             "layer_cos": {name: cosines[name] for name in ("harmful", "benign")},
             "n_layer_texts": {name: cosines[f"n_{name}"] for name in ("harmful", "benign")}}
 
 
-def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, cfg, threshold) -> dict:
+def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, cfg, threshold, direction=None,
+                   orthogonal=None) -> dict:
     """Benign compliance and each attack's ASR (its compliant rate), with counts, Wilson intervals,
     outcome classes and every generation. `base` scores each answer's NLL for the broken class.
-    `n_embed`: (behaviours under the paper's embedding attack, under the strong one; 0 skips it)."""
+    `n_embed`: (behaviours under the paper's embedding attack, under the strong one; 0 skips it).
+    `direction`, `orthogonal` (loads the orthogonalized model):
+    the ablate and orthogonalized attacks, and the benign instructions asked of the orthogonalized model."""
     reference = (base, threshold)
     asked = [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)]
     generations = judge(benign, asked, "benign", "direct", tok, cfg, reference)
     n_paper, n_strong = n_embed
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
-               "prefill": lambda: attack_prefill(model, tok, harmful, cfg),
-               "embed": lambda: attack_embed(model, tok, harmful[:n_paper], cfg)}
+               "prefill": lambda: attack_prefill(model, tok, harmful, cfg)}
+    if n_paper:
+        attacks["embed"] = lambda: attack_embed(model, tok, harmful[:n_paper], cfg)
     if n_strong:
         attacks["embed_strong"] = lambda: attack_embed(model, tok, harmful[:n_strong], cfg, strong=True)
+    if direction is not None:
+        attacks["ablate"] = lambda: attack_ablate(model, tok, harmful, cfg, direction)
     counts = {"benign_compliant": count(generations)}
     outcomes = {"benign": outcome_rates([g["outcome"] for g in generations])}
     for attack, run in attacks.items():
@@ -161,6 +195,19 @@ def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, c
         counts[f"{attack}_asr"] = {"successes": sum(successes), "n": len(successes)}
         outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
         generations += judged
+    if orthogonal is not None:
+        ortho = orthogonal()
+        asked = [{"prompt": it["instruction"], "generation": r["generation"]}
+                 for it, r in zip(benign, attack_direct(ortho, tok, benign, cfg))]
+        judged_benign = judge(benign, asked, "benign", "orthogonalized", tok, cfg, reference)
+        judged = judge(harmful, attack_direct(ortho, tok, harmful, cfg), "harmful", "orthogonalized", tok, cfg,
+                       reference)
+        counts["orthogonalized_benign_compliant"] = count(judged_benign)
+        counts["orthogonalized_asr"] = count(judged)
+        outcomes["orthogonalized_benign"] = outcome_rates([g["outcome"] for g in judged_benign])
+        outcomes["orthogonalized"] = outcome_rates([g["outcome"] for g in judged])
+        generations += judged_benign + judged
+        del ortho
     rates = {m: c["successes"] / c["n"] for m, c in counts.items()}
     return {**rates, "judge": "none: ASR is the compliant rate, an upper bound", "counts": counts,
             "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()}, "outcomes": outcomes,
@@ -207,7 +254,7 @@ def chat_table(result: dict) -> str:
     lines = [f"{'':<22}" + "".join(f"{n:>32}" for n in names)]
     for m in (m for m in CHAT_METRICS if all(m in result[n]["counts"] for n in names)):
         lines.append(f"{m:<22}" + "".join(f"{rate_text(**result[n]['counts'][m]):>32}" for n in names))
-        kind = "benign" if m == "benign_compliant" else m.removesuffix("_asr")
+        kind = m.removesuffix("_asr").removesuffix("_compliant")
         lines += [f"  {c:<20}" + "".join(f"{outcome_text(result[n]['outcomes'][kind], c):>32}" for n in names)
                   for c in ("refusal", "broken")]
     for text in ("harmful", "benign"):
@@ -241,6 +288,8 @@ def parse_args(argv):
     p.add_argument("--n-embed", type=int, default=d["n_embed"], help="behaviours the embed attack optimises")
     p.add_argument("--n-embed-strong", type=int, default=d["n_embed_strong"],
                    help="behaviours the embed_strong attack optimises (0: not run)")
+    p.add_argument("--direction", help="refusal.py's direction file of the base model: adds the ablate and "
+                   "orthogonalized attacks")
     p.add_argument("--out", required=True, help="results JSON")
     add_attack_flags(p, CHAT_CONFIG, ("batch_size", "max_new_tokens", "embed_steps", "embed_strong_steps",
                                       "embed_strong_solutions", "embed_strong_gap"))

@@ -16,7 +16,7 @@ classes (scoring.py) and its own answers (chat) serve every seed, so the seeds d
 training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
 
     {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
-     "direction": {"layer": 3, "position": -1} or null,   # a chat model: "model_path", "harmbench", "benign"
+     "direction": {"layer": 3, "position": -1} or null,   # a chat model: "model_path", "harmbench", "benign", "attack_direction"
      "summary": {metric: {"mean", "min", "max", "n", "base"}},   # each ASR followed by <attack>_broken, _refusal
      "base": <toy_eval.evaluate_toy's "base">,
      "runs": [{"seed": 1, "out": "out/sweep/seed1", "circuit_breaker": <its "circuit_breaker">}, ...],
@@ -78,10 +78,12 @@ def toy_root(cfg: train.TrainConfig) -> Path:
 
 
 def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | None = None, harmbench=None,
-        benign=None, n_embed_strong=0, log=print) -> dict:
+        benign=None, n_embed_strong=0, attack_direction=None, log=print) -> dict:
     """Train and evaluate once per seed (see the module's docstring) -> the JSON's dict, also written to `out`.
     `harmbench`, `benign`: the held-out files of a chat model's evaluation (chat_eval.py); the toy's are its world's.
-    `n_embed_strong`: a chat model's behaviours under the strong embedding attack (0: not run)."""
+    `n_embed_strong`: a chat model's behaviours under the strong embedding attack (0: not run).
+    `attack_direction`: a chat model's refusal direction (refusal.py's, of the base model) for the ablate and
+    orthogonalized attacks (chat_eval.py); the toy finds its own."""
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
@@ -92,6 +94,8 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
     configs = train_configs(seeds, list(train_args), out)
     first = configs[seeds[0]]
     on_toy = first.model == "toy" or (Path(first.model_path).parent / "world.json").is_file()
+    if on_toy and attack_direction:
+        raise ValueError("--attack-direction: the toy's sweep finds the base model's direction itself")
     if not on_toy and not (harmbench and benign):
         raise ValueError(f"--model {first.model}: a chat model's sweep needs --harmbench FILE and --benign FILE "
                          "(held-out prompts; see chat_eval.py)")
@@ -103,7 +107,8 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
         if on_toy:
             base, evaluate, extra = toy_evaluation(first, cfg or TOY_CONFIG, log)
         else:
-            base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, n_embed_strong, log)
+            base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, n_embed_strong,
+                                                    attack_direction, log)
         result = {"seeds": list(seeds), "train_flags": list(train_args), **extra,
                   "target_layer": max(first.target_layers), "summary": {}, "base": base,
                   "runs": [], "timings": {"base_eval_seconds": round(time.perf_counter() - t0, 1), "seeds": []}}
@@ -138,18 +143,19 @@ def toy_evaluation(first, cfg, log):
     return base, evaluate, {"world": str(root), "direction": found}
 
 
-def chat_evaluation(first, cfg, harmbench, benign, n_embed_strong, log):
+def chat_evaluation(first, cfg, harmbench, benign, n_embed_strong, direction, log):
     """A chat model's evaluation (chat_eval.py), in the same shape as toy_evaluation's. The base model's
     answers are the reference texts and NLL threshold of every seed."""
-    files = dict(harmbench=harmbench, benign=benign, n_embed_strong=n_embed_strong, cfg=cfg, device=first.device,
-                 log=log)
+    files = dict(harmbench=harmbench, benign=benign, n_embed_strong=n_embed_strong, direction=direction, cfg=cfg,
+                 device=first.device, log=log)
     base = evaluate_chat(first.model_path, **files)["base"]
 
     def evaluate(run_cfg):
         return evaluate_chat(run_cfg.model_path, Path(run_cfg.out) / "adapter", base_result=base,
                              **files)["circuit_breaker"]
 
-    return base, evaluate, {"model_path": first.model_path, "harmbench": str(harmbench), "benign": str(benign)}
+    return base, evaluate, {"model_path": first.model_path, "harmbench": str(harmbench), "benign": str(benign),
+                            "attack_direction": direction}
 
 
 # -----------------------------------------------------------------------------
@@ -210,6 +216,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--benign", help="chat models: held-out benign instructions, [{\"instruction\"}]")
     p.add_argument("--n-embed-strong", type=int, default=0,
                    help="chat models: behaviours the embed_strong attack optimises (0: not run)")
+    p.add_argument("--attack-direction", help="chat models: refusal.py's direction file of the base model, for "
+                   "the ablate and orthogonalized attacks")
     return p.parse_known_args(argv)
 
 
@@ -217,7 +225,7 @@ def main(argv=None):
     args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = run(parse_seeds(args.seeds), train_args, args.out, harmbench=args.harmbench, benign=args.benign,
-                     n_embed_strong=args.n_embed_strong)
+                     n_embed_strong=args.n_embed_strong, attack_direction=args.attack_direction)
     except (ValueError, train.TrainingError) as e:
         sys.exit(f"sweep.py: error: {e}")
     except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
