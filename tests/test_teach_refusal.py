@@ -2,6 +2,7 @@
 requests into one that refuses them and writes a directory transformers loads, and bad input."""
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -163,6 +164,44 @@ def test_the_output_is_a_model_transformers_loads(taught):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
     assert hf.read_config(out)["torch_dtype"] == hf.read_config(base)["torch_dtype"]
+
+
+def test_the_taught_models_refusal_direction_moves_refusal_both_ways_and_its_export_loads(taught, tmp_path):
+    """refusal.py's steps on the taught model at the last template token (where the real refusing model's
+    direction is; scoring every position is refusal.py's minutes): ablating the chosen direction takes the
+    refusal away from harmful requests, adding it pulls harmless ones far toward refusing, and the
+    orthogonalised directory (SmolLM2's tied head untied) loads in transformers with the logits of runtime
+    ablation. The paper's steering filter (refusing outright, score >= 0) is met by the real refusing model
+    (docs/refusing_model.md: +1.46 at KL 0.44), not by this 16-step one (measured: about -0.8 from -11.9),
+    so this test lifts it as the toy's search does."""
+    transformers = pytest.importorskip("transformers")
+    import refusal
+    _, out, harmful = taught
+    tok = hf.load_tokenizer(out)
+    model = hf.load_pretrained(out, dtype=torch.float32).eval().requires_grad_(False)
+    ids = lambda texts: refusal.tokenize_instructions(tok, texts)
+    harmless = [q for q, _ in HARMLESS]
+    n_positions = len(refusal.post_instruction_tokens(tok))
+    candidates = refusal.difference_in_means(model, ids(harmful[:5]), ids(harmless[:5]), n_positions, 8,
+                                             tok.pad_id)[-1:]  # (1, L+1, D): the last template token
+    chosen = refusal.select_direction(model, candidates, ids(harmful[5:]), ids(harmless[5:]),
+                                      refusal.refusal_token_ids(tok, ["I", "Sorry"]), kl_threshold=0.5,
+                                      induce_refusal_threshold=-math.inf, batch_size=8, pad_id=tok.pad_id,
+                                      log=lambda *a: None)
+    layer = chosen.layer
+    assert chosen.position == -1 and layer >= model.args.n_layers // 2 and chosen.kl_score[0, layer] <= 0.5
+    assert chosen.refusal_score[0, layer] < chosen.baseline_harmful - 2  # measured: -4.6 from +2.7
+    assert chosen.steering_score[0, layer] > chosen.baseline_harmless + 5  # measured: -0.8 from -11.9
+    ortho = tmp_path / "ortho"
+    refusal.save_orthogonalized(refusal.orthogonalize(hf.load_pretrained(out, dtype=torch.float32),
+                                                      chosen.direction), out, ortho)
+    tokens = torch.tensor([chat_prompt(tok, [{"role": "user", "content": harmful[0]}])])
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(ortho, dtype=torch.float32).eval()
+    with torch.no_grad(), refusal.ablate(model, chosen.direction):
+        ablated, _ = model(tokens)
+        expected = theirs(tokens).logits
+    torch.testing.assert_close(expected, ablated, atol=1e-3, rtol=0)
+    assert hf.read_config(ortho)["tie_word_embeddings"] is False
 
 
 # ----------------------------------------------------------------------------------------------------
