@@ -945,4 +945,7 @@ def test_chat_evaluation_with_a_direction_adds_ablate_and_orthogonalized(chat_mo
         by = lambda kind, attack: [g["generation"] for g in gens if (g["set"], g["attack"]) == (kind, attack)]
         if name == "base":  # no adapter: hooks and orthogonalised weights are the same model
             assert by("harmful", "ablate") == by("harmful", "orthogonalized")
+        # a changed model's answers: no incoherence test by the base model's NLL (scoring.NOT_FROM_TOKENS)
+        assert all(g["nll"] is None for g in gens if g["attack"] in ("ablate", "orthogonalized"))
+        assert all(g["nll"] is not None for g in gens if g["attack"] in ("direct", "prefill"))
     assert "orthogonalized_benign_compliant" in chat_eval.chat_table(result)
