@@ -5,6 +5,7 @@ bad flags refused before anything is trained."""
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,20 @@ def test_full_disk_names_the_output(toy_world, tmp_path, capsys, monkeypatch):
     assert sweep_fails(["--seeds", "1", "--out", str(out), *flags], capsys) == \
         f"sweep.py: error: --out {out}: could not write (No space left on device)"
     assert not out.exists()
+
+
+def test_a_chat_sweep_gives_every_evaluation_the_attack_direction(monkeypatch):
+    """--attack-direction reaches the base evaluation and each seed's (chat_eval.evaluate_chat's `direction`)."""
+    calls = []
+
+    def evaluate_chat(model_path, adapter=None, **kw):
+        calls.append((adapter, kw["direction"]))
+        return {"base": {"stand-in": True}} if adapter is None else {"circuit_breaker": {}}
+
+    monkeypatch.setattr(sweep, "evaluate_chat", evaluate_chat)
+    first = train.TrainConfig(model="smollm2", model_path="m", out="out/seed1")
+    base, evaluate, extra = sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 0,
+                                                  "d.safetensors", log=lambda *a: None)
+    evaluate(first)
+    assert base == {"stand-in": True} and extra["attack_direction"] == "d.safetensors"
+    assert [d for _, d in calls] == ["d.safetensors", "d.safetensors"] and calls[1][0] == Path("out/seed1/adapter")
