@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import hf
 from attacks import AttackConfig, append_text, chat_prompt, generate_texts, release, solutions
-from data import Example, collate
+from data import Example
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -166,18 +166,36 @@ def nll_per_token(model, tok, prompts: list[list[int]], generations: list[str], 
 
 @torch.no_grad()
 def nll_sums(model, examples: list[Example], batch_size: int) -> list[tuple[float, int]]:
-    """Per example: the summed NLL of its tokens under loss_mask, teacher-forced, and their count."""
+    """Per example: the summed NLL of its tokens under loss_mask, teacher-forced, and their count.
+
+    Each batch runs packed, as training does (its rows one after another, each as if alone: no padding),
+    and the head (a fifth of SmolLM2's compute per token) runs only where the next token is scored."""
     device = model.model.embed_tokens.weight.device
     out = []
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id=0)
-        tokens, mask, scored = (t.to(device) for t in batch)  # (B, T) each
-        logits, _ = model(tokens, mask)  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, T-1)
-        keep = scored[:, 1:].bool()
-        sums = torch.where(keep, nll, torch.zeros_like(nll)).double().sum(1)  # (B,)
-        out += [(float(s), int(c)) for s, c in zip(sums, keep.sum(1))]
+        batch = examples[start:start + batch_size]
+        tokens = torch.tensor([t for e in batch for t in e.tokens], device=device)[None]  # (1, N)
+        _, hiddens = model(tokens, lengths=[len(e.tokens) for e in batch], last_layer=len(model.model.layers))
+        where, row = scored_positions(batch)  # (M,) each: the position before a scored token, its example
+        where, row = where.to(device), row.to(device)
+        logits = model.lm_head(model.model.norm(hiddens[-1][0, where]))  # (M, V)
+        nll = F.cross_entropy(logits.float(), tokens[0, where + 1], reduction="none")  # (M,)
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row, nll.double())
+        counts = torch.bincount(row, minlength=len(batch))  # (B,)
+        out += [(float(s), int(c)) for s, c in zip(sums, counts)]
     return out
+
+
+def scored_positions(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every scored token after the first of its example (loss_mask 1), in the packed sequence: the
+    position that predicts it, and the index of its example."""
+    where, row, offset = [], [], 0
+    for i, e in enumerate(batch):
+        hits = [offset + t - 1 for t in range(1, len(e.tokens)) if e.loss_mask[t]]
+        where += hits
+        row += [i] * len(hits)
+        offset += len(e.tokens)
+    return torch.tensor(where, dtype=torch.long), torch.tensor(row, dtype=torch.long)
 
 
 def nll_threshold(nlls: list[float | None], quantile=NLL_QUANTILE) -> float | None:

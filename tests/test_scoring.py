@@ -144,6 +144,28 @@ def test_nll_per_token_is_the_teacher_forced_mean_after_the_prompt(toy_world):
     assert scoring.outcome(answers[0], nlls[0], threshold) == "compliant"  # at the threshold, not above
 
 
+def test_nll_sums_packed_match_one_padded_batch(toy_world):
+    """Packed rows and the head at scored positions only give the sums of the padded full-logit pass, for
+    rows of different lengths whose masks have gaps (perplexity's assistant turns)."""
+    from data import Example, collate
+    model, tok = load_evaluated(toy_world / "model", None, torch.float32)
+    texts = ["What is the capital of Zem? It is Varo.", "Hi", "Tell me about the river by Varo, slowly."]
+    examples = []
+    for i, text in enumerate(texts):
+        ids = tok.encode(text)
+        mask = [int(t % (i + 2) != 0) for t in range(len(ids))]  # gaps, and the first token sometimes scored
+        examples.append(Example(ids, 0, mask))
+    tokens, attention, scored = collate(examples, pad_id=0)  # (B, T) each
+    with torch.no_grad():
+        logits, _ = model(tokens, attention)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    keep = scored[:, 1:].bool()
+    expected = [(float(n[k].double().sum()), int(k.sum())) for n, k in zip(nll, keep)]
+    got = scoring.nll_sums(model, examples, batch_size=2)  # two batches: the second alone
+    assert [c for _, c in got] == [c for _, c in expected]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], rel=1e-4)
+
+
 def test_no_answer_the_toy_world_teaches_is_degenerate(toy_world):
     """The repetition rule leaves real answers alone: every recipe and benign answer of the world."""
     world = toy.load_world(toy_world)
