@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import hf
 from attacks import chat_prompt, load_evaluated
-from data import Example, collate, load_circuit_breaker_set, load_ultrachat
+from data import Example, load_circuit_breaker_set, load_ultrachat
 from lora import lora_disabled
 
 
@@ -33,19 +33,21 @@ def chat_examples(tok, pairs, max_length: int) -> list[Example]:
 
 @torch.no_grad()
 def layer_cosines(model, examples, batch_size: int) -> list[float]:
-    """Mean cosine(base state, circuit-broken state) over response tokens, per hidden-state index."""
+    """Mean cosine(base state, circuit-broken state) over response tokens, per hidden-state index. Each
+    batch runs packed (its rows one after another, each as if alone), so no padding is computed."""
     n_hidden = len(model.model.layers) + 1
     total, count = torch.zeros(n_hidden, dtype=torch.float64), 0
     device = model.model.embed_tokens.weight.device
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id=0)
-        tokens, mask, response = (t.to(device) for t in batch)  # (B, T) each
+        batch = examples[start:start + batch_size]
+        tokens = torch.tensor([t for e in batch for t in e.tokens], device=device)[None]  # (1, N)
+        keep = torch.tensor([m for e in batch for m in e.loss_mask], device=device).bool()  # (N,)
+        lengths = [len(e.tokens) for e in batch]
         with lora_disabled(model):
-            _, base = model(tokens, mask, last_layer=n_hidden - 1)
-        _, broken = model(tokens, mask, last_layer=n_hidden - 1)
-        keep = response.bool()  # (B, T)
+            _, base = model(tokens, lengths=lengths, last_layer=n_hidden - 1)
+        _, broken = model(tokens, lengths=lengths, last_layer=n_hidden - 1)
         for l in range(n_hidden):
-            cos = F.cosine_similarity(base[l][keep].float(), broken[l][keep].float(), dim=-1)  # (N,)
+            cos = F.cosine_similarity(base[l][0, keep].float(), broken[l][0, keep].float(), dim=-1)  # (M,)
             total[l] += cos.double().sum().cpu()
         count += int(keep.sum())
     return (total / max(count, 1)).tolist()

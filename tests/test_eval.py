@@ -477,6 +477,7 @@ def test_layer_cosines_and_perplexity_of_a_zero_adapter(tiny):
         torch.nn.init.normal_(mod.lora_B.weight, std=1.0)
     cos = layers.layer_cosines(m, examples, batch_size=1)
     assert cos[0] == pytest.approx(1.0) and cos[-1] < 0.999
+    assert layers.layer_cosines(m, examples, batch_size=2) == pytest.approx(cos, abs=1e-5)  # packed rows stay apart
     chats = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]}]
     (ids, n_request, loss_mask), = ev.conversation_examples(TOK, chats, 256)
