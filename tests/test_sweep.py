@@ -93,6 +93,8 @@ def test_flags_the_sweep_sets_itself_are_refused(toy_world, tmp_path):
         sweep.run([1], ["--model", "llama3", "--model-path", str(tmp_path / "m" / "model")], tmp_path / "s.json")
     with pytest.raises(ValueError, match="--attack-direction: the toy's sweep finds"):
         sweep.run([1], ["--model-path", str(toy_world / "model")], tmp_path / "s.json", attack_direction="d.safetensors")
+    with pytest.raises(ValueError, match="--base-from: the toy's base evaluation takes seconds"):
+        sweep.run([1], ["--model-path", str(toy_world / "model")], tmp_path / "s.json", base_from="b.json")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
 
 
@@ -192,7 +194,40 @@ def test_a_chat_sweep_gives_every_evaluation_the_attack_direction(monkeypatch):
     monkeypatch.setattr(sweep, "evaluate_chat", evaluate_chat)
     first = train.TrainConfig(model="smollm2", model_path="m", out="out/seed1")
     base, evaluate, extra = sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 0,
-                                                  "d.safetensors", log=lambda *a: None)
+                                                  "d.safetensors", None, log=lambda *a: None)
     evaluate(first)
     assert base == {"stand-in": True} and extra["attack_direction"] == "d.safetensors"
     assert [d for _, d in calls] == ["d.safetensors", "d.safetensors"] and calls[1][0] == Path("out/seed1/adapter")
+
+
+def test_a_chat_sweep_reuses_an_earlier_base_of_the_same_inputs_only(monkeypatch, tmp_path):
+    """--base-from: the earlier sweep's base serves every seed and the base model is not evaluated again;
+    a sweep of another model, prompt file, direction or strong-attack budget is refused, naming what differs."""
+    calls = []
+
+    def evaluate_chat(model_path, adapter=None, **kw):
+        calls.append((adapter, kw.get("base_result")))
+        return {"circuit_breaker": {}}
+
+    monkeypatch.setattr(sweep, "evaluate_chat", evaluate_chat)
+    earlier = {"model_path": "m", "harmbench": "hb.json", "benign": "benign.json", "attack_direction": "d.safetensors",
+               "base": {"nll_threshold": 0.7, "counts": {"embed_strong_asr": {"successes": 3, "n": 4}}}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    first = train.TrainConfig(model="smollm2", model_path="m", out="out/seed1")
+    base, evaluate, extra = sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 4,
+                                                  "d.safetensors", path, log=lambda *a: None)
+    evaluate(first)
+    assert base == earlier["base"] and extra["base_from"] == str(path)
+    assert calls == [(Path("out/seed1/adapter"), earlier["base"])]  # no base evaluation, the earlier one passed on
+    for args, match in [(("hb.json", "other.json", 4, "d.safetensors"),
+                         "its benign is 'benign.json', this sweep's 'other.json'"),
+                        (("hb.json", "benign.json", 4, None), "its attack_direction is 'd.safetensors'"),
+                        (("hb.json", "benign.json", 0, "d.safetensors"),
+                         "strong embedding attack on 4 behaviours, this sweep on 0")]:
+        with pytest.raises(ValueError, match=match):
+            sweep.chat_evaluation(first, sweep.CHAT_CONFIG, *args, path, log=lambda *a: None)
+    (tmp_path / "toy.json").write_text(json.dumps({"world": "w", "base": {}}))
+    with pytest.raises(ValueError, match="not a chat model's sweep"):
+        sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 0, None, tmp_path / "toy.json",
+                              log=lambda *a: None)

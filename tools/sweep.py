@@ -13,10 +13,12 @@ Each seed trains `train.py --model toy` (unless --model is given) with the other
 held-out --harmbench and --benign prompts for any other model. The base model is evaluated once: its
 refusal direction (toy) is used for every seed's ablate attack, and its NLL threshold for the outcome
 classes (scoring.py) and its own answers (chat) serve every seed, so the seeds differ only in their
-training. The JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
+training; a search over settings can reuse one base evaluation (--base-from an earlier sweep's JSON). The
+JSON (written whole after each seed, so an interrupted sweep keeps its finished seeds):
 
     {"seeds": [1, 2], "train_flags": [...], "world": "toy", "target_layer": 3,
-     "direction": {"layer": 3, "position": -1} or null,   # a chat model: "model_path", "harmbench", "benign", "attack_direction"
+     "direction": {"layer": 3, "position": -1} or null,   # a chat model: "model_path", "harmbench", "benign",
+                                                          # "attack_direction" (and "base_from")
      "summary": {metric: {"mean", "min", "max", "n", "base"}},   # each ASR followed by <attack>_broken, _refusal
      "base": <toy_eval.evaluate_toy's "base">,
      "runs": [{"seed": 1, "out": "out/sweep/seed1", "circuit_breaker": <its "circuit_breaker">}, ...],
@@ -24,6 +26,7 @@ training. The JSON (written whole after each seed, so an interrupted sweep keeps
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -78,12 +81,13 @@ def toy_root(cfg: train.TrainConfig) -> Path:
 
 
 def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | None = None, harmbench=None,
-        benign=None, n_embed_strong=0, attack_direction=None, log=print) -> dict:
+        benign=None, n_embed_strong=0, attack_direction=None, base_from=None, log=print) -> dict:
     """Train and evaluate once per seed (see the module's docstring) -> the JSON's dict, also written to `out`.
     `harmbench`, `benign`: the held-out files of a chat model's evaluation (chat_eval.py); the toy's are its world's.
     `n_embed_strong`: a chat model's behaviours under the strong embedding attack (0: not run).
     `attack_direction`: a chat model's refusal direction (refusal.py's, of the base model) for the ablate and
-    orthogonalized attacks (chat_eval.py); the toy finds its own."""
+    orthogonalized attacks (chat_eval.py); the toy finds its own.
+    `base_from`: an earlier chat sweep's JSON whose base evaluation (of the same model and inputs) is reused."""
     out = Path(out)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {','.join(map(str, seeds))}: expected one or more different seeds")
@@ -96,6 +100,8 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
     on_toy = first.model == "toy" or (Path(first.model_path).parent / "world.json").is_file()
     if on_toy and attack_direction:
         raise ValueError("--attack-direction: the toy's sweep finds the base model's direction itself")
+    if on_toy and base_from:
+        raise ValueError("--base-from: the toy's base evaluation takes seconds; it runs in every sweep")
     if not on_toy and not (harmbench and benign):
         raise ValueError(f"--model {first.model}: a chat model's sweep needs --harmbench FILE and --benign FILE "
                          "(held-out prompts; see chat_eval.py)")
@@ -108,7 +114,7 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
             base, evaluate, extra = toy_evaluation(first, cfg or TOY_CONFIG, log)
         else:
             base, evaluate, extra = chat_evaluation(first, cfg or CHAT_CONFIG, harmbench, benign, n_embed_strong,
-                                                    attack_direction, log)
+                                                    attack_direction, base_from, log)
         result = {"seeds": list(seeds), "train_flags": list(train_args), **extra,
                   "target_layer": max(first.target_layers), "summary": {}, "base": base,
                   "runs": [], "timings": {"base_eval_seconds": round(time.perf_counter() - t0, 1), "seeds": []}}
@@ -143,19 +149,44 @@ def toy_evaluation(first, cfg, log):
     return base, evaluate, {"world": str(root), "direction": found}
 
 
-def chat_evaluation(first, cfg, harmbench, benign, n_embed_strong, direction, log):
+def chat_evaluation(first, cfg, harmbench, benign, n_embed_strong, direction, base_from, log):
     """A chat model's evaluation (chat_eval.py), in the same shape as toy_evaluation's. The base model's
     answers are the reference texts and NLL threshold of every seed."""
     files = dict(harmbench=harmbench, benign=benign, n_embed_strong=n_embed_strong, direction=direction, cfg=cfg,
                  device=first.device, log=log)
-    base = evaluate_chat(first.model_path, **files)["base"]
+    extra = {"model_path": first.model_path, "harmbench": str(harmbench), "benign": str(benign),
+             "attack_direction": direction}
+    if base_from:
+        base = reused_base(base_from, extra, n_embed_strong)
+        extra["base_from"] = str(base_from)
+    else:
+        base = evaluate_chat(first.model_path, **files)["base"]
 
     def evaluate(run_cfg):
         return evaluate_chat(run_cfg.model_path, Path(run_cfg.out) / "adapter", base_result=base,
                              **files)["circuit_breaker"]
 
-    return base, evaluate, {"model_path": first.model_path, "harmbench": str(harmbench), "benign": str(benign),
-                            "attack_direction": direction}
+    return base, evaluate, extra
+
+
+def reused_base(path, expected: dict, n_embed_strong: int) -> dict:
+    """The base evaluation of an earlier chat sweep (`path`), which must have had this sweep's model, prompt
+    files, attack direction and strong-attack budget: each candidate of a search then costs its seeds only."""
+    try:
+        prior = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--base-from {path}: not JSON ({e})") from None
+    if not isinstance(prior, dict) or "model_path" not in prior or "base" not in prior:
+        raise ValueError(f"--base-from {path}: not a chat model's sweep (expected the keys 'model_path' and 'base')")
+    for key, value in expected.items():
+        if prior.get(key) != value:
+            raise ValueError(f"--base-from {path}: its {key} is {prior.get(key)!r}, this sweep's {value!r}; the base "
+                             "model must have been evaluated on the same model and inputs")
+    strong = prior["base"].get("counts", {}).get("embed_strong_asr", {}).get("n", 0)
+    if strong != n_embed_strong:
+        raise ValueError(f"--base-from {path}: its base ran the strong embedding attack on {strong} behaviours, "
+                         f"this sweep on {n_embed_strong} (--n-embed-strong)")
+    return prior["base"]
 
 
 # -----------------------------------------------------------------------------
@@ -218,6 +249,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, list[str]]:
                    help="chat models: behaviours the embed_strong attack optimises (0: not run)")
     p.add_argument("--attack-direction", help="chat models: refusal.py's direction file of the base model, for "
                    "the ablate and orthogonalized attacks")
+    p.add_argument("--base-from", help="chat models: an earlier sweep's JSON, of the same model, prompt files, "
+                   "--attack-direction and --n-embed-strong, whose base evaluation is reused")
     return p.parse_known_args(argv)
 
 
@@ -225,7 +258,8 @@ def main(argv=None):
     args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         result = run(parse_seeds(args.seeds), train_args, args.out, harmbench=args.harmbench, benign=args.benign,
-                     n_embed_strong=args.n_embed_strong, attack_direction=args.attack_direction)
+                     n_embed_strong=args.n_embed_strong, attack_direction=args.attack_direction,
+                     base_from=args.base_from)
     except (ValueError, train.TrainingError) as e:
         sys.exit(f"sweep.py: error: {e}")
     except OSError as e:  # a missing input, or an --out the system could not write (a full disk)
