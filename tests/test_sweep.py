@@ -227,6 +227,9 @@ def test_a_chat_sweep_reuses_an_earlier_base_of_the_same_inputs_only(monkeypatch
                          "strong embedding attack on 4 behaviours, this sweep on 0")]:
         with pytest.raises(ValueError, match=match):
             sweep.chat_evaluation(first, sweep.CHAT_CONFIG, *args, path, log=lambda *a: None)
+    with pytest.raises(ValueError, match="missing.json: could not read it"):
+        sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 0, None, tmp_path / "missing.json",
+                              log=lambda *a: None)
     (tmp_path / "toy.json").write_text(json.dumps({"world": "w", "base": {}}))
     with pytest.raises(ValueError, match="not a chat model's sweep"):
         sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 0, None, tmp_path / "toy.json",

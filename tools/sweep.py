@@ -176,6 +176,8 @@ def reused_base(path, expected: dict, n_embed_strong: int) -> dict:
         prior = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"--base-from {path}: not JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"--base-from {path}: could not read it ({e.strerror})") from None
     if not isinstance(prior, dict) or "model_path" not in prior or "base" not in prior:
         raise ValueError(f"--base-from {path}: not a chat model's sweep (expected the keys 'model_path' and 'base')")
     for key, value in expected.items():
