@@ -113,11 +113,13 @@ def test_data_keeps_evaluation_prompts_out(tmp_path, smollm2_model):
     assert again == pairs and other["harmful"] != pairs["harmful"]
 
 
-def test_each_batch_holds_the_mix():
+@pytest.mark.parametrize("n_xstest", [1, 2, 3, 4])
+def test_each_batch_holds_the_mix(n_xstest):
     examples = {kind: [f"{kind}{i}" for i in range(5)] for kind in teach_refusal.KINDS}
-    for _, batch in zip(range(4), teach_refusal.batches(examples, 8, seed=0)):
+    for _, batch in zip(range(4), teach_refusal.batches(examples, 8, seed=0, n_xstest=n_xstest)):
         kinds = [e.rstrip("0123456789") for e in batch]
-        assert (kinds.count("harmful"), kinds.count("harmless"), kinds.count("xstest")) == (3, 4, 1)
+        assert (kinds.count("harmful"), kinds.count("harmless"), kinds.count("xstest")) == (3, 5 - n_xstest, n_xstest)
+    assert teach_refusal.slots(1) == teach_refusal.SLOTS  # the default run's order, as before the flag
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,3 +232,10 @@ def test_an_out_holding_other_files_is_left_as_it_was(tmp_path, script_fails):
 def test_bad_counts_are_refused(tmp_path, script_fails):
     script_fails("tools/teach_refusal.py", "--model-path", tmp_path, "--data-dir", tmp_path, "--out",
                  tmp_path / "out", "--steps", "0", match="--steps 0: must be at least 1")
+
+
+@pytest.mark.parametrize("n", ["0", "5"])
+def test_xstest_slots_out_of_range_are_refused(tmp_path, script_fails, n):
+    script_fails("tools/teach_refusal.py", "--model-path", tmp_path, "--data-dir", tmp_path, "--out",
+                 tmp_path / "out", "--xstest-slots", n, match=f"--xstest-slots {n}: expected 1 to 4 of every 8")
+    assert not (tmp_path / "out").exists()

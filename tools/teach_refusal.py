@@ -184,16 +184,31 @@ def tokenize(tok, pairs: dict, max_length: int, counts: dict) -> dict[str, list[
 
 # ----------------------------------------------------------------------------------------------------
 # 3. Batches and the loss. Every batch mixes the three kinds in fixed proportions: of each 8 examples, 3
-# harmful (to refuse), 4 harmless (to answer as before) and 1 XSTest (to answer although it sounds
-# harmful): SLOTS, read in turn across the whole run, so that a batch of 8 holds exactly that mix and a
-# smaller one keeps it over a few steps. Without the harmless half, the cheapest way to lower the loss
-# is to refuse everything. Each kind is drawn in a fresh seeded order every time it runs out.
+# harmful (to refuse) and 5 answered: 4 harmless (to answer as before) and 1 XSTest (to answer although it
+# sounds harmful) by default. slots() gives the order, read in turn across the whole run, so that a batch
+# of 8 holds exactly that mix and a smaller one keeps it over a few steps. Without the harmless examples,
+# the cheapest way to lower the loss is to refuse everything. Each kind is drawn in a fresh seeded order
+# every time it runs out. --xstest-slots moves answered slots from harmless requests to XSTest's safe
+# prompts: with one in eight the model refuses a third or more of the held-out safe prompts
+# (docs/refusing_model.md), so the share of the examples that draw the line is the knob to try.
 #
 # Each example weighs the same in the loss, whatever its length: a refusal is a dozen tokens and a
 # harmless answer near a hundred, so a mean over tokens would give the refusals a tenth of the batch
 # where the mix gives them three eighths.
 
 SLOTS = ("harmful", "harmless", "harmful", "harmless", "xstest", "harmless", "harmful", "harmless")
+XSTEST_ORDER = (4, 7, 1, 3)  # which answered slots of SLOTS turn XSTest, in turn: spread through the 8
+
+
+def slots(n_xstest: int = 1) -> tuple[str, ...]:
+    """The kinds of 8 examples in turn: SLOTS with n_xstest (1-4) of its answered slots XSTest's."""
+    if not 1 <= n_xstest <= len(XSTEST_ORDER):
+        raise ValueError(f"--xstest-slots {n_xstest}: expected 1 to {len(XSTEST_ORDER)} of every 8 examples "
+                         f"(3 are harmful requests, and at least one is a harmless request)")
+    out = list(SLOTS)
+    for i in XSTEST_ORDER[:n_xstest]:
+        out[i] = "xstest"
+    return tuple(out)
 
 
 def endless(examples: list, rng: random.Random):
@@ -201,13 +216,14 @@ def endless(examples: list, rng: random.Random):
         yield from rng.sample(examples, len(examples))
 
 
-def batches(examples: dict[str, list[data.Example]], batch_size: int, seed: int):
-    """Endless lists of batch_size examples, the kinds in the order of SLOTS."""
+def batches(examples: dict[str, list[data.Example]], batch_size: int, seed: int, n_xstest: int = 1):
+    """Endless lists of batch_size examples, the kinds in the order of slots(n_xstest)."""
+    order = slots(n_xstest)
     rng = random.Random(seed)
     streams = {kind: endless(examples[kind], rng) for kind in KINDS}
     slot = 0
     while True:
-        batch = [next(streams[SLOTS[(slot + i) % len(SLOTS)]]) for i in range(batch_size)]
+        batch = [next(streams[order[(slot + i) % len(order)]]) for i in range(batch_size)]
         slot += batch_size
         yield batch
 
@@ -252,7 +268,7 @@ def train(model, examples: dict, args, pad_id: int) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     losses, t_start = [], time.perf_counter()
-    for step, batch in zip(range(1, args.steps + 1), batches(examples, args.batch_size, args.seed)):
+    for step, batch in zip(range(1, args.steps + 1), batches(examples, args.batch_size, args.seed, args.xstest_slots)):
         t0 = time.perf_counter()
         loss = batch_loss(model, batch, pad_id, args.device)
         if not math.isfinite(loss.item()):
@@ -314,7 +330,10 @@ def parse_args(argv=None):
                    help="share of XSTest prompts kept out of training, for eval.py xstest --xstest-holdout")
     p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                   help="examples per step, 3/8 harmful, 4/8 harmless, 1/8 XSTest")
+                   help="examples per step, 3/8 harmful, 4/8 harmless, 1/8 XSTest (see --xstest-slots)")
+    p.add_argument("--xstest-slots", type=int, default=1,
+                   help="of every 8 examples, how many are XSTest's safe prompts (1-4), taken from the "
+                        "harmless requests' 5 answered slots")
     p.add_argument("--lr", type=float, default=LR, help="AdamW learning rate of the LoRA weights")
     p.add_argument("--max-length", type=int, default=MAX_LENGTH,
                    help="tokens per example; longer ones keep their start")
@@ -333,6 +352,7 @@ def check_args(args):
         raise ValueError(f"--lr {args.lr}: expected a positive number")
     if not 0 <= args.xstest_holdout < 1:
         raise ValueError(f"--xstest-holdout {args.xstest_holdout}: expected a share in [0, 1)")
+    slots(args.xstest_slots)
     check_out(Path(args.out), Path(args.model_path))
     data_dir = Path(args.data_dir)
     if not data_dir.is_dir():
@@ -376,7 +396,7 @@ def run(args) -> dict:
     seconds = time.perf_counter() - t0
     tail = losses[-args.log_every:]
     summary = {"flags": vars(args), "counts": counts, "refusals": len(REFUSALS),
-               "mix": {kind: f"{SLOTS.count(kind)}/{len(SLOTS)}" for kind in KINDS},
+               "mix": {kind: f"{slots(args.xstest_slots).count(kind)}/8" for kind in KINDS},
                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": 0.0}, "seconds": round(seconds, 1),
                "final_loss": sum(tail) / len(tail), "losses": [round(x, 4) for x in losses]}
     write(Path(args.out), model, args, summary)
