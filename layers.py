@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import hf
 from attacks import chat_prompt, load_evaluated
-from data import Example, load_circuit_breaker_set, load_ultrachat
+from data import Example, load_circuit_breaker_set, load_ultrachat, pack_rows
 from lora import lora_disabled
 
 
@@ -39,10 +39,8 @@ def layer_cosines(model, examples, batch_size: int) -> list[float]:
     total, count = torch.zeros(n_hidden, dtype=torch.float64), 0
     device = model.model.embed_tokens.weight.device
     for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        tokens = torch.tensor([t for e in batch for t in e.tokens], device=device)[None]  # (1, N)
-        keep = torch.tensor([m for e in batch for m in e.loss_mask], device=device).bool()  # (N,)
-        lengths = [len(e.tokens) for e in batch]
+        (tokens, _, response), lengths = pack_rows(examples[start:start + batch_size], pad_id=0, multiple=1)
+        tokens, keep = tokens.to(device), response[0].bool().to(device)  # (1, N), (N,)
         with lora_disabled(model):
             _, base = model(tokens, lengths=lengths, last_layer=n_hidden - 1)
         _, broken = model(tokens, lengths=lengths, last_layer=n_hidden - 1)

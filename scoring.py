@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import hf
 from attacks import AttackConfig, append_text, chat_prompt, generate_texts, release, solutions
-from data import Example
+from data import Example, pack_rows
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -174,28 +174,19 @@ def nll_sums(model, examples: list[Example], batch_size: int) -> list[tuple[floa
     out = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        tokens = torch.tensor([t for e in batch for t in e.tokens], device=device)[None]  # (1, N)
-        _, hiddens = model(tokens, lengths=[len(e.tokens) for e in batch], last_layer=len(model.model.layers))
-        where, row = scored_positions(batch)  # (M,) each: the position before a scored token, its example
-        where, row = where.to(device), row.to(device)
-        logits = model.lm_head(model.model.norm(hiddens[-1][0, where]))  # (M, V)
-        nll = F.cross_entropy(logits.float(), tokens[0, where + 1], reduction="none")  # (M,)
+        (tokens, _, scored), lengths = pack_rows(batch, pad_id=0, multiple=1)  # (1, N) each
+        _, hiddens = model(tokens.to(device), lengths=lengths, last_layer=len(model.model.layers))
+        n = torch.tensor(lengths)
+        scored = scored[0].bool()
+        scored[n.cumsum(0) - n] = False  # a row's first token has nothing before it to predict it
+        target = scored.nonzero()[:, 0]  # (M,) the scored tokens' places
+        row = torch.repeat_interleave(torch.arange(len(batch)), n)[target].to(device)  # (M,) their examples
+        logits = model.lm_head(model.model.norm(hiddens[-1][0, (target - 1).to(device)]))  # (M, V)
+        nll = F.cross_entropy(logits.float(), tokens[0, target].to(device), reduction="none")  # (M,)
         sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row, nll.double())
         counts = torch.bincount(row, minlength=len(batch))  # (B,)
         out += [(float(s), int(c)) for s, c in zip(sums, counts)]
     return out
-
-
-def scored_positions(batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every scored token after the first of its example (loss_mask 1), in the packed sequence: the
-    position that predicts it, and the index of its example."""
-    where, row, offset = [], [], 0
-    for i, e in enumerate(batch):
-        hits = [offset + t - 1 for t in range(1, len(e.tokens)) if e.loss_mask[t]]
-        where += hits
-        row += [i] * len(hits)
-        offset += len(e.tokens)
-    return torch.tensor(where, dtype=torch.long), torch.tensor(row, dtype=torch.long)
 
 
 def nll_threshold(nlls: list[float | None], quantile=NLL_QUANTILE) -> float | None:

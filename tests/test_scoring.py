@@ -153,7 +153,7 @@ def test_nll_sums_packed_match_one_padded_batch(toy_world):
     examples = []
     for i, text in enumerate(texts):
         ids = tok.encode(text)
-        mask = [int(t % (i + 2) != 0) for t in range(len(ids))]  # gaps, and the first token sometimes scored
+        mask = [int((t + i) % (i + 2) != 0) for t in range(len(ids))]  # gaps, and the first token sometimes scored
         examples.append(Example(ids, 0, mask))
     tokens, attention, scored = collate(examples, pad_id=0)  # (B, T) each
     with torch.no_grad():
