@@ -914,8 +914,9 @@ def test_orthogonalized_leaves_the_adapter_writing_the_direction(chat_model, cli
     direction = refusal.load_direction(write_direction(tmp_path / "d.safetensors", chat_model),
                                        hf.model_args(hf.read_config(chat_model)))
     model = hf.load_model(chat_model, dtype=torch.float32, device="cpu", adapter=cli_files["adapter"], merge=False)
+    g = torch.Generator().manual_seed(0)  # not the global stream: the test's outcome must not hang on test order
     for m in lora.lora_modules(model).values():
-        torch.nn.init.normal_(m.lora_B.weight, std=0.5)  # the saved adapter's B is zero: make it write something
+        torch.nn.init.normal_(m.lora_B.weight, std=0.5, generator=g)  # the saved adapter's B is zero: make it write
     deltas = {name: m.delta().clone() for name, m in lora.lora_modules(model).items()}
     chat_eval.orthogonalized(model.requires_grad_(False), direction)
     r = direction.direction.double()
