@@ -58,9 +58,14 @@ class TrainConfig:
                     tuple(losses.LOSSES))
     direction: str = opt("", "safetensors file with one direction per target layer, for --loss direction")
     retain_norm: str = opt("official", "official (all states, mean over 1024-padded positions, as the "
-                                       "official code) or masked (mean over real tokens)", ("official", "masked"))
+                                       "official code), masked (mean over real tokens) or relative (each "
+                                       "distance divided by the state's length, mean over real tokens; "
+                                       "losses.py)", ("official", "masked", "relative"))
     retain_pad_to: int = opt(1024, "official retain normalisation: the padded row length it divides by "
                                    "(1024 officially, for rows that approach it)")
+    retain_weight: float = opt(1.0, "multiplies the schedule's retain coefficient (1: the paper's schedule); "
+                                    "with --retain-norm relative it sets the balance that pad_to sets "
+                                    "officially")
     loss_on: str = opt("full", "tokens the rerouting loss sees: full (the whole text, official) or response",
                        ("full", "response"))
     # --- data (see data.py)
@@ -163,7 +168,7 @@ LIMITS = {
     "weight_decay": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
     "lora_init_std": (lambda v: 0 <= v < math.inf, "0 or a positive finite number"),
     "xstest_holdout": (lambda v: 0 <= v < 1, "a share in [0, 1)"),
-    "retain_pad_to": AT_LEAST_1,
+    "retain_pad_to": AT_LEAST_1, "retain_weight": POSITIVE,
 }
 
 

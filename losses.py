@@ -165,6 +165,33 @@ def retain_loss_official(h_new, h_orig, mask: Tensor, pad_to: int = 1024, n_rows
 
 
 # ----------------------------------------------------------------------------------------------------
+# A scale-free retain term (a variant, not the paper's): --retain-norm relative
+#
+# The L2 distance is in the units of the residual stream, which differ between models (Llama-3's states
+# are a few units long at the middle layers, SmolLM2's about 200) and between tokens (a first token's
+# "massive activation" is about 25,000 long on SmolLM2, so one token outweighs a row). The cosine of the
+# rerouting term has no units, and its gradient shrinks as 1 / |h|, so the balance between the two terms,
+# which the official code tunes with alpha and the 1024-position mean, changes from model to model.
+# Dividing each token's distance by its original length gives the retain term the cosine's units:
+#     L_retain_rel = mean_{s, t in mask}  || h_new[s, t] - h_orig[s, t] || / || h_orig[s, t] ||
+# For a state that keeps its length and turns by a small angle theta, this is about theta, and 1 - cos
+# about theta^2 / 2: both terms now read the same geometry whatever the model's scale.
+
+
+def retain_loss_relative(h_new, h_orig, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-token L2 distance divided by the original state's length, mean over masked tokens and states.
+
+    h_new, h_orig: (S, B, T, D); mask (B, T). Scale-free: multiplying both by c changes nothing."""
+    total, n_states = 0.0, 0
+    for new, orig in zip(h_new, h_orig, strict=True):  # (B, T, D) each
+        dist = torch.linalg.vector_norm(new - orig, dim=-1, dtype=torch.float32)  # (B, T)
+        length = torch.linalg.vector_norm(orig, dim=-1, dtype=torch.float32)  # (B, T)
+        total = total + _masked_sum(dist / length.clamp_min(eps), mask)
+        n_states += 1
+    return total / (n_states * _n_tokens(mask))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Rerouting toward a direction: the `random` and `direction` targets
 #
 # Instead of only leaving their original direction, harmful states are pulled onto a chosen unit

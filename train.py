@@ -170,6 +170,7 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
     then weighted by this piece's share of the whole batch's tokens (rows, for the official retain term),
     so that the pieces' losses, gradients and metrics add up to the whole batch's."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
+    retain_coeff *= cfg.retain_weight
     cb_share = 1.0 if whole is None else share(batch.cb_loss_mask, whole.cb_loss_mask)
     retain_share = 1.0 if whole is None else share(batch.retain_mask, whole.retain_mask)
     cb_attn = None if batch.cb_lengths or right_padded(batch.cb_mask) else batch.cb_mask
@@ -193,6 +194,8 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
         n_rows = None if whole is None and batch.retain_lengths is None else (whole or batch).size
         retain_loss = losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
                                                   pad_to=cfg.retain_pad_to, n_rows=n_rows)
+    elif cfg.retain_norm == "relative":
+        retain_loss = losses.retain_loss_relative(retain_new, retain_orig, batch.retain_mask) * retain_share
     else:
         retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask) * retain_share
     loss = cb_coeff * cb_loss + retain_coeff * retain_loss

@@ -180,6 +180,7 @@ CASES = {
     "lora alpha 0": flags("--lora-alpha", "0", says=r"--lora-alpha 0\.0: expected a positive finite number"),
     "lora dropout 1": flags("--lora-dropout", "1", says=r"--lora-dropout 1\.0: expected a probability in \[0, 1\)"),
     "grad clip 0": flags("--grad-clip", "0", says=r"--grad-clip 0\.0: expected a positive finite number"),
+    "retain weight nan": flags("--retain-weight", "nan", says=r"--retain-weight nan: expected a positive finite number"),
     "val every -1": flags("--val-every", "-1", says=r"--val-every -1: expected 0 or more"),
     "ckpt every -1": flags("--ckpt-every", "-1", says=r"--ckpt-every -1: expected 0 or more"),
     "n ultrachat -1": flags("--n-ultrachat", "-1", says=r"--n-ultrachat -1: expected 0 or more"),

@@ -78,6 +78,27 @@ def test_retain_loss_gradient_flows_only_through_masked_tokens():
     assert torch.all(new.grad[:, mask == 1].abs().sum(-1) > 0)
 
 
+def test_retain_loss_relative_matches_hand_computation():
+    new, orig, mask = states()
+    n, o, m = new.double().numpy(), orig.double().numpy(), mask.numpy()
+    total = sum(np.linalg.norm(n[l, b, t] - o[l, b, t]) / np.linalg.norm(o[l, b, t])
+                for l in range(n.shape[0]) for b, t in hand_tokens(m))
+    expected = total / (n.shape[0] * m.sum())
+    assert losses.retain_loss_relative(new, orig, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.retain_loss_relative(orig, orig, mask).item() == 0.0
+
+
+def test_retain_loss_relative_is_scale_free_per_token():
+    # one token's state 1000x longer (a massive activation) weighs no more than the others
+    new, orig, mask = states()
+    ref = losses.retain_loss_relative(new, orig, mask)
+    scaled_new, scaled_orig = new.clone(), orig.clone()
+    scaled_new[:, 0, 0] *= 1000
+    scaled_orig[:, 0, 0] *= 1000
+    assert losses.retain_loss_relative(scaled_new, scaled_orig, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    assert losses.retain_loss(scaled_new, scaled_orig, mask).item() > 10 * losses.retain_loss(new, orig, mask).item()
+
+
 def test_retain_loss_official_matches_hand_computation_of_padded_batch():
     # The official code: states * mask, ||.||_2 over D, nanmean over (S, B, pad_to). Build that padded
     # batch explicitly (zeros past T) and compare with our unpadded call.

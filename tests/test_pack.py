@@ -9,6 +9,7 @@ import torch
 import data
 import losses
 import train
+from lora import lora_disabled
 from model import ModelArgs, Transformer
 
 ARGS = ModelArgs(dim=32, n_layers=5, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=97)
@@ -61,12 +62,36 @@ def assert_same(a, b):
         torch.testing.assert_close(grads_a[name], grads_b[name], **TOL, msg=name)
 
 
-@pytest.mark.parametrize("retain_norm", ["official", "masked"])
+@pytest.mark.parametrize("retain_norm", ["official", "masked", "relative"])
 def test_packed_rows_give_the_padded_losses_and_gradients(retain_norm):
     cfg = config(retain_norm=retain_norm)
     padded, packed = batch(pack=False), batch(pack=True)
     assert packed.cb_tokens.shape[0] == 1 and padded.cb_tokens.shape[0] == 4
     assert_same(gradients_and_metrics(cfg, padded), gradients_and_metrics(cfg, packed))
+
+
+@pytest.mark.parametrize("retain_norm, term", [("masked", losses.retain_loss),
+                                                ("relative", losses.retain_loss_relative)])
+def test_the_step_computes_the_chosen_retain_term(retain_norm, term):
+    cfg, b = config(retain_norm=retain_norm), batch(pack=False)
+    model = model_for(cfg)
+    _, metrics = train.step_loss(model, b, 3, cfg, losses.rerouting_loss)
+    with torch.no_grad():
+        new = train.retain_states(model, b.retain_tokens, attn=b.retain_mask)
+        with lora_disabled(model):
+            orig = train.retain_states(model, b.retain_tokens, attn=b.retain_mask)
+    assert metrics["retain_loss"].item() == pytest.approx(term(new, orig, b.retain_mask).item(), rel=1e-5)
+
+
+def test_retain_weight_scales_the_retain_coefficient_only():
+    b = batch(pack=False)
+    cfg = config(retain_norm="relative")
+    _, one = train.step_loss(model_for(cfg), b, 3, cfg, losses.rerouting_loss)
+    cfg3 = config(retain_norm="relative", retain_weight=3.0)
+    _, three = train.step_loss(model_for(cfg3), b, 3, cfg3, losses.rerouting_loss)
+    assert three["retain_coeff"] == pytest.approx(3 * one["retain_coeff"]) and three["cb_coeff"] == one["cb_coeff"]
+    expected = one["cb_coeff"] * one["cb_loss"] + 3 * one["retain_coeff"] * one["retain_loss"]
+    assert three["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_packed_rows_with_a_sliding_window_and_checkpointing():
@@ -78,7 +103,7 @@ def test_packed_rows_with_a_sliding_window_and_checkpointing():
 
 
 @pytest.mark.parametrize("pack", [False, True])
-@pytest.mark.parametrize("retain_norm", ["official", "masked"])
+@pytest.mark.parametrize("retain_norm", ["official", "masked", "relative"])
 def test_micro_batches_give_the_whole_batch_gradients(pack, retain_norm):
     whole = gradients_and_metrics(config(retain_norm=retain_norm, batch_size=5), batch(pack, 5))
     for size in (1, 2):  # 5 rows: five pieces of one; pieces of 2, 2 and 1
