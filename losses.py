@@ -83,15 +83,18 @@ def rerouting_loss(h_new, h_orig, mask: Tensor) -> Tensor:
     return total / (n_layers * _n_tokens(mask))
 
 
-def retain_loss(h_new, h_orig, mask: Tensor) -> Tensor:
+def retain_loss(h_new, h_orig, mask: Tensor, relative: bool = False, eps: float = 1e-6) -> Tensor:
     """Per-token L2 distance between new and original states, mean over masked tokens and layers.
 
     h_new, h_orig: (L, B, T, D); mask (B, T). The norm over D is taken in fp32 (vector_norm's dtype
     argument upcasts inside the kernel, so no fp32 copy of the states is kept for backward).
+    relative: each distance divided by the original state's length (--retain-norm relative, below).
     """
     total, n_layers = 0.0, 0
     for new, orig in zip(h_new, h_orig, strict=True):  # (B, T, D) each
         dist = torch.linalg.vector_norm(new - orig, dim=-1, dtype=torch.float32)  # (B, T)
+        if relative:
+            dist = dist / torch.linalg.vector_norm(orig, dim=-1, dtype=torch.float32).clamp_min(eps)
         total = total + _masked_sum(dist, mask)
         n_layers += 1
     return total / (n_layers * _n_tokens(mask))
@@ -176,19 +179,7 @@ def retain_loss_official(h_new, h_orig, mask: Tensor, pad_to: int = 1024, n_rows
 #     L_retain_rel = mean_{s, t in mask}  || h_new[s, t] - h_orig[s, t] || / || h_orig[s, t] ||
 # For a state that keeps its length and turns by a small angle theta, this is about theta, and 1 - cos
 # about theta^2 / 2: both terms now read the same geometry whatever the model's scale.
-
-
-def retain_loss_relative(h_new, h_orig, mask: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-token L2 distance divided by the original state's length, mean over masked tokens and states.
-
-    h_new, h_orig: (S, B, T, D); mask (B, T). Scale-free: multiplying both by c changes nothing."""
-    total, n_states = 0.0, 0
-    for new, orig in zip(h_new, h_orig, strict=True):  # (B, T, D) each
-        dist = torch.linalg.vector_norm(new - orig, dim=-1, dtype=torch.float32)  # (B, T)
-        length = torch.linalg.vector_norm(orig, dim=-1, dtype=torch.float32)  # (B, T)
-        total = total + _masked_sum(dist / length.clamp_min(eps), mask)
-        n_states += 1
-    return total / (n_states * _n_tokens(mask))
+# retain_loss(..., relative=True) computes it.
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
         retain_loss = losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
                                                   pad_to=cfg.retain_pad_to, n_rows=n_rows)
     elif cfg.retain_norm == "relative":
-        retain_loss = losses.retain_loss_relative(retain_new, retain_orig, batch.retain_mask) * retain_share
+        retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask, relative=True) * retain_share
     else:
         retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask) * retain_share
     loss = cb_coeff * cb_loss + retain_coeff * retain_loss

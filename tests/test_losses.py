@@ -84,18 +84,19 @@ def test_retain_loss_relative_matches_hand_computation():
     total = sum(np.linalg.norm(n[l, b, t] - o[l, b, t]) / np.linalg.norm(o[l, b, t])
                 for l in range(n.shape[0]) for b, t in hand_tokens(m))
     expected = total / (n.shape[0] * m.sum())
-    assert losses.retain_loss_relative(new, orig, mask).item() == pytest.approx(expected, rel=1e-5)
-    assert losses.retain_loss_relative(orig, orig, mask).item() == 0.0
+    assert losses.retain_loss(new, orig, mask, relative=True).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.retain_loss(orig, orig, mask, relative=True).item() == 0.0
 
 
 def test_retain_loss_relative_is_scale_free_per_token():
     # one token's state 1000x longer (a massive activation) weighs no more than the others
     new, orig, mask = states()
-    ref = losses.retain_loss_relative(new, orig, mask)
+    ref = losses.retain_loss(new, orig, mask, relative=True)
     scaled_new, scaled_orig = new.clone(), orig.clone()
     scaled_new[:, 0, 0] *= 1000
     scaled_orig[:, 0, 0] *= 1000
-    assert losses.retain_loss_relative(scaled_new, scaled_orig, mask).item() == pytest.approx(ref.item(), rel=1e-5)
+    scaled = losses.retain_loss(scaled_new, scaled_orig, mask, relative=True)
+    assert scaled.item() == pytest.approx(ref.item(), rel=1e-5)
     assert losses.retain_loss(scaled_new, scaled_orig, mask).item() > 10 * losses.retain_loss(new, orig, mask).item()
 
 
