@@ -404,7 +404,9 @@ class Transformer(nn.Module):
                  embeds=None, generator=None):
         """Batched sampling with a KV cache. prompts: list of token-id lists (or `embeds`, a list of
         (T_i, D) tensors, for inputs that are not tokens). Rows are left-padded. Greedy when temperature
-        is 0. Returns each row's new tokens, up to (not including) its first stop id."""
+        is 0. Returns each row's new tokens, up to (not including) its first stop id. A row that has
+        stopped is carried along until a quarter of the batch has (copying the caches costs about a step),
+        then the stopped rows are dropped, so a batch whose answers end early gets faster as it goes."""
         if self.lm_head is None:
             raise ValueError("generate needs the lm_head: load the model with lm_head=True")
         device, dtype = self.model.embed_tokens.weight.device, self.model.embed_tokens.weight.dtype
@@ -420,19 +422,24 @@ class Transformer(nn.Module):
         logits = self._prefill(embeds, lengths, cache)  # (B, V)
 
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
         out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
         n_new = torch.zeros(B, dtype=torch.long, device=device)
+        live = torch.arange(B, device=device)  # the rows still decoding, as indices into out
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # per row of the running batch
         for t in range(max_new_tokens):
-            token = sample(logits.float(), temperature, top_p, generator)  # (B,)
+            token = sample(logits.float(), temperature, top_p, generator)  # (b,)
             done |= torch.isin(token, stop)
-            out[:, t] = token
-            n_new += (~done).long()
+            out[live, t] = token
+            n_new[live] += (~done).long()
             if done.all():
                 break
+            if done.sum() * 4 >= len(live):  # a quarter of the batch has stopped: drop those rows
+                keep = ~done
+                live, token, key_mask, done = live[keep], token[keep], key_mask[keep], done[keep]
+                cache = [c.select(keep) for c in cache]
             key_mask[:, T0 + t] = 1
             logits, _ = self._run(self.embed(token[:, None]), key_mask[:, :T0 + t + 1], cache)
-            logits = logits[:, -1]  # (B, V)
+            logits = logits[:, -1]  # (b, V)
         return [out[b, :n_new[b]].tolist() for b in range(B)]
 
     def _prefill(self, embeds, lengths, cache: list[KVCache]) -> torch.Tensor:

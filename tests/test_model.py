@@ -194,6 +194,23 @@ def test_generate_stops_at_stop_ids(pair):
     assert stopped == free[:free.index(free[3])]
 
 
+def test_rows_that_stop_are_dropped_and_the_rest_generate_as_alone(pair, monkeypatch):
+    """Once a quarter of the batch has stopped, generate drops those rows from the batch and the caches; the
+    rows left go on as they would alone."""
+    _, _, ours, _ = pair
+    prompts = [[1, 5, 7, 9], [1, 40, 41], [1, 8, 9, 10], [1, 2, 3], [1, 60, 61, 62, 63], [1, 30]]
+    free = ours.generate(prompts, max_new_tokens=10)
+    stop_ids = (free[0][1], free[1][1])  # rows 0 and 1 end by their second token, with any other row writing one
+    alone = [ours.generate([p], max_new_tokens=10, stop_ids=stop_ids)[0] for p in prompts]
+    rows_run = []
+    run = ours._run
+    monkeypatch.setattr(ours, "_run", lambda x, *a, **k: rows_run.append(x.shape[0]) or run(x, *a, **k))
+    together = ours.generate(prompts, max_new_tokens=10, stop_ids=stop_ids)
+    assert together == alone
+    assert max(len(together[0]), len(together[1])) <= 1 and max(len(r) for r in together) == 10
+    assert rows_run[0] == 1 and min(rows_run[1:]) < len(prompts)  # the packed prefill, then a shrunk batch
+
+
 def test_sampling_is_seeded(pair):
     _, _, ours, _ = pair
     run = lambda: ours.generate([[1, 5, 7]], 8, temperature=1.0, top_p=0.9,  # noqa: E731
