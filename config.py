@@ -85,8 +85,8 @@ class TrainConfig:
     # --- speed and memory
     dtype: str = opt("auto", "base weights (auto: bf16 on CUDA, fp32 on CPU)", ("auto", "bf16", "fp32"))
     grad_ckpt: bool | None = opt(None, "gradient checkpointing per block (default: on for CUDA)")
-    compile: bool | None = opt(None, "torch.compile each block (default: on for CUDA; a block that fails to "
-                                     "compile runs eagerly)")
+    compile: bool = opt(False, "torch.compile each block (off by default: on an H200 the packed step recompiled "
+                               "nearly every step, BENCHMARKS.md; a block that fails to compile runs eagerly)")
     micro_batch: int = opt(0, "examples of each set per forward and backward, gradients accumulated over the "
                               "step's batch with the whole batch's normalisation (0: the whole batch at once)")
     # --- bookkeeping
@@ -144,8 +144,6 @@ def resolve(cfg: TrainConfig, device_present: bool = True) -> TrainConfig:
         cfg.lora_layers = tuple(range(max(cfg.target_layers) + 1))
     if cfg.grad_ckpt is None:
         cfg.grad_ckpt = cfg.device.startswith("cuda")
-    if cfg.compile is None:
-        cfg.compile = cfg.device.startswith("cuda")
     if cfg.dtype == "auto":
         cfg.dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
     return cfg

@@ -185,6 +185,7 @@ def packed_positions(p: Packed, device) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in p.rows])[None].to(device, non_blocking=True)
 
 
+@torch.compiler.disable  # compiled, each batch's row lengths would be new guards: a recompile nearly every step
 def packed_attention(q, k, v, p: Packed, gqa: bool) -> torch.Tensor:
     """q (1, H, T, E), k and v (1, K, T, E) -> (1, H, T, E), each row attending only within itself.
 

@@ -107,8 +107,8 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
         # Where compiling fails (no compiler, an unsupported op), the block runs eagerly: slower, same result.
         torch._dynamo.config.suppress_errors = True
         for block in model.model.layers:
-            # Lengths vary from batch to batch: dynamic shapes. Packed rows compile once per row count
-            # (the batch's rows, with or without a padding tail), not once per step.
+            # Lengths vary from batch to batch: dynamic shapes; packed attention's loop over the rows stays
+            # outside the graph (model.packed_attention), so new row lengths are no new graph.
             block.compile(dynamic=True)
     return model
 

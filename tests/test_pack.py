@@ -117,3 +117,19 @@ def test_micro_batch_larger_than_the_batch_is_refused():
         config(micro_batch=8)
     with pytest.raises(ValueError, match="--micro-batch -1: expected 0 or more"):
         config(micro_batch=-1)
+
+
+def test_compiled_blocks_do_not_recompile_for_new_row_lengths():
+    """train.py compiles each block with dynamic shapes; packed attention's loop over the rows runs outside
+    the graph, so a batch whose rows have new lengths (or a new count) reuses the graphs compiled before."""
+    torch._dynamo.reset()
+    model = Transformer(ARGS, 2, lm_head=False)
+    for block in model.model.layers:
+        block.compile(dynamic=True, backend="eager")  # dynamo's guards are the point, not inductor's code
+    rng = random.Random(0)
+    with torch.no_grad():
+        model(torch.randint(1, ARGS.vocab_size, (1, 60)), lengths=[20, 25, 15])  # compiles
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for count in (3, 3, 5, 2, 4):
+                lengths = [rng.randint(2, 30) for _ in range(count)]
+                model(torch.randint(1, ARGS.vocab_size, (1, sum(lengths) + 3)), lengths=lengths)

@@ -281,7 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--pack", action=on_off, default=train.TrainConfig.pack, help="packed rows, ours (default: on, as train.py)")
     add("--bucket", type=int, default=train.TrainConfig.bucket, help="length-bucketing window in batches, 0: off")
     add("--micro-batch", type=int, default=0, help="examples per forward and backward, ours (default: all)")
-    add("--compile", action=on_off, help="torch.compile each block, ours (default: as train.py, on for CUDA)")
+    add("--compile", action=on_off, help="torch.compile each block, ours (default: as train.py, off)")
     add("--reference", action=on_off, default=True, help="also time the official layout (default: on)")
     add("--hf", action="store_true", help="with --reference, also the official step on transformers + peft")
     add("--flops-only", action="store_true", help="count each mode's FLOPs and stop: no model, no timing")
@@ -309,9 +309,11 @@ def generation(a: argparse.Namespace, log) -> dict:
         raise ValueError(f"--gen-batch-sizes {min(a.gen_batch_sizes)}: must be at least 1")
     if a.out:
         cli.check_output(a.out, "--out")
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine("cpu"),
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {a.device}, but torch sees no CUDA device")
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(a.device),
             **bench_generate(a.model_path, a.instructions, batch_sizes=tuple(a.gen_batch_sizes),
-                             max_new_tokens=a.max_new_tokens, repeats=a.repeats, log=log)}
+                             max_new_tokens=a.max_new_tokens, repeats=a.repeats, device=a.device, log=log)}
 
 
 def config_from_args(a: argparse.Namespace) -> train.TrainConfig:

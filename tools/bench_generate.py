@@ -35,7 +35,7 @@ def run_ours(model, prompts, new_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def run_theirs(model, prompts, new_tokens: int, pad_id: int) -> list[list[int]]:
-    ids, mask = left_padded(prompts, pad_id)
+    ids, mask = (t.to(model.device) for t in left_padded(prompts, pad_id))
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False, pad_token_id=pad_id, eos_token_id=None)
     return out[:, ids.shape[1]:].tolist()
@@ -68,14 +68,14 @@ def compare(ours, theirs, prompts, new_tokens: int, pad_id: int, repeats: int) -
 
 
 def bench_generate(model_path, instructions, *, batch_sizes=(32, 1), max_new_tokens=16, repeats=3,
-                   log=print) -> dict:
-    """Ours against transformers' generate, fp32 on the CPU, at each batch size (the first `batch` prompts)."""
+                   device="cpu", log=print) -> dict:
+    """Ours against transformers' generate, fp32 on `device`, at each batch size (the first `batch` prompts)."""
     from transformers import AutoModelForCausalLM  # a bench requirement, never the project's
 
     tok = Tokenizer.from_pretrained(model_path)
     prompts = chat_prompts(tok, load_instructions(instructions), max(batch_sizes))
-    ours = hf.load_model(model_path, dtype=torch.float32, device="cpu").eval().requires_grad_(False)
-    theirs = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ours = hf.load_model(model_path, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    theirs = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     pad_id = tok.pad_id if tok.pad_id is not None else 0
     results = []
     for batch in batch_sizes:
@@ -85,4 +85,4 @@ def bench_generate(model_path, instructions, *, batch_sizes=(32, 1), max_new_tok
         log(f"  ours {r['ours']['ms_per_token']} ms/token, transformers {r['transformers']['ms_per_token']} "
             f"ms/token: {r['ratio']}x, identical {r['identical']}")
     return {"model_path": str(model_path), "instructions": str(instructions), "dtype": "fp32",
-            "threads": torch.get_num_threads(), "results": results}
+            "device": device, "threads": torch.get_num_threads(), "results": results}
