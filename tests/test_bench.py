@@ -182,6 +182,9 @@ def test_generation_mode_is_token_for_token_transformers(tmp_path, smollm2_model
      "--max-new-tokens 0: must be at least 1"),
     (["--model-path", "{model}", "--instructions", "{tmp}/i.json", "--gen-batch-sizes", "4", "0"],
      "--gen-batch-sizes 0: must be at least 1"),
+    pytest.param(["--model-path", "{model}", "--instructions", "{tmp}/i.json", "--device", "cuda"],
+                 "--device cuda: no CUDA GPU is available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
 ])
 def test_generation_mode_refuses_bad_flags_before_loading(tmp_path, flags, match):
     (tmp_path / "model").mkdir()
