@@ -335,7 +335,8 @@ def build_training_sets(tokenizer: Tokenizer, data_dir, *, refusal_retain: bool 
 # 3. Batches
 
 # A packed batch's tensors are (1, N): the rows one after another, then padding up to a multiple of
-# PACK_MULTIPLE tokens, so that a compiled model sees a few sequence lengths rather than a new one per step.
+# PACK_MULTIPLE tokens, so that a compiled model (--compile) sees a few sequence lengths rather than a new one
+# per step.
 PACK_MULTIPLE = 64
 
 

@@ -185,7 +185,7 @@ def packed_positions(p: Packed, device) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in p.rows])[None].to(device, non_blocking=True)
 
 
-@torch.compiler.disable  # compiled, each batch's row lengths would be new guards: a recompile nearly every step
+@torch.compiler.disable  # traced, the loop is unrolled: each new number of rows would be a new graph
 def packed_attention(q, k, v, p: Packed, gqa: bool) -> torch.Tensor:
     """q (1, H, T, E), k and v (1, K, T, E) -> (1, H, T, E), each row attending only within itself.
 
@@ -441,7 +441,8 @@ class Transformer(nn.Module):
             key_mask[:, T0 + t] = 1
             logits, _ = self._run(self.embed(token[:, None]), key_mask[:, :T0 + t + 1], cache)
             logits = logits[:, -1]  # (b, V)
-        return [out[b, :n_new[b]].tolist() for b in range(B)]
+        out, n_new = out.tolist(), n_new.tolist()  # two reads from the device, not one per row
+        return [row[:n] for row, n in zip(out, n_new)]
 
     def _prefill(self, embeds, lengths, cache: list[KVCache]) -> torch.Tensor:
         """The prompts' pass: packed one after another (no padding to compute), their keys and values into

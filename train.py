@@ -98,7 +98,7 @@ def build_model(cfg: TrainConfig) -> Transformer:
 
 
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
-    """The base model as training runs it: LoRA, gradient checkpointing, compiled blocks."""
+    """The base model as training runs it: LoRA, gradient checkpointing, and compiled blocks with --compile."""
     torch.manual_seed(cfg.seed)  # LoRA A initialisation
     apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets,
                layers=cfg.lora_layers, b_std=cfg.lora_init_std)
@@ -108,7 +108,7 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
         torch._dynamo.config.suppress_errors = True
         for block in model.model.layers:
             # Lengths vary from batch to batch: dynamic shapes; packed attention's loop over the rows stays
-            # outside the graph (model.packed_attention), so new row lengths are no new graph.
+            # outside the graph (model.packed_attention), so a new number of rows is no new graph.
             block.compile(dynamic=True)
     return model
 

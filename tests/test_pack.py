@@ -120,16 +120,23 @@ def test_micro_batch_larger_than_the_batch_is_refused():
 
 
 def test_compiled_blocks_do_not_recompile_for_new_row_lengths():
-    """train.py compiles each block with dynamic shapes; packed attention's loop over the rows runs outside
-    the graph, so a batch whose rows have new lengths (or a new count) reuses the graphs compiled before."""
+    """train.py --compile compiles each block with dynamic shapes; packed attention's loop over the rows runs
+    outside the graph, so a batch with a new number of rows, or new lengths, reuses the graphs compiled before:
+    in the reference pass (no gradient) and in the training pass (gradients through checkpointed blocks)."""
     torch._dynamo.reset()
     model = Transformer(ARGS, 2, lm_head=False)
+    model.gradient_checkpointing = True
     for block in model.model.layers:
         block.compile(dynamic=True, backend="eager")  # dynamo's guards are the point, not inductor's code
     rng = random.Random(0)
-    with torch.no_grad():
-        model(torch.randint(1, ARGS.vocab_size, (1, 60)), lengths=[20, 25, 15])  # compiles
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for count in (3, 3, 5, 2, 4):
-                lengths = [rng.randint(2, 30) for _ in range(count)]
-                model(torch.randint(1, ARGS.vocab_size, (1, sum(lengths) + 3)), lengths=lengths)
+
+    def passes(lengths):
+        tokens = torch.randint(1, ARGS.vocab_size, (1, sum(lengths) + 3))
+        with torch.no_grad():
+            model(tokens, lengths=lengths)
+        model(tokens, lengths=lengths, last_layer=2)[1][-1].square().mean().backward()
+
+    passes([20, 25, 15])  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for count in (3, 5, 2, 4):
+            passes([rng.randint(2, 30) for _ in range(count)])

@@ -5,7 +5,7 @@ Time circuit-breaker training steps: our fast path next to the official code's l
     python bench.py --shape llama3-8b --device cuda   # GPU: the paper's setting, batch 16, bf16, checkpointing
     python bench.py --shape llama3-8b --flops-only    # FLOPs of both modes on the same batches, no model built
     python bench.py --shape llama3-8b --device cuda --profile   # two of our steps: top kernels, GPU busy share
-    python bench.py --generate --model-path DIR --instructions harmless_val.json  # generation, ours vs transformers
+    python bench.py --generate --device cpu --model-path DIR --instructions harmless_val.json  # ours vs transformers
 
 Both modes run train.py's step on random weights, the reference in the official code's layout. The record
 (JSON, printed and written to --out) holds step times, real tokens/s, peak memory, FLOPs (flops.py), MFU and the
