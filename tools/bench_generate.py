@@ -6,8 +6,9 @@ settings (`python bench.py --generate`; transformers is a test and bench require
         --instructions ../shared/data/refusal_direction/harmless_val.json
 
 The prompts are the first instructions of an instruction list in the model's chat template, left-padded
-into one batch, on --device (the CPU above; cuda runs both sides on the GPU); both generate greedily for exactly --max-new-tokens tokens (no stop token, so both do the
-same work), after one warm-up run each, alternating ours and theirs --repeats times. The record holds, per
+into one batch, on --device (the CPU above; cuda runs both sides on the GPU); both generate greedily for
+exactly --max-new-tokens tokens (no stop token, so both do the same work), after one warm-up run each,
+alternating ours and theirs --repeats times. The record holds, per
 batch size: the prompts' lengths, each side's median seconds, ms per new token (seconds / new tokens per
 row), tokens per second (rows x new tokens / seconds), the ratio (their seconds / ours: above 1 is ours
 faster), and whether the outputs are token-for-token equal.
