@@ -930,6 +930,7 @@ def test_orthogonalized_leaves_the_adapter_writing_the_direction(chat_model, cli
 
 
 def test_chat_evaluation_with_a_direction_adds_ablate_and_orthogonalized(chat_model, cli_files, tmp_path):
+    refusal = pytest.importorskip("refusal")
     bench = tmp_path / "bench2.json"
     bench.write_text(json.dumps({"data": [{"behavior": b, "default_target": "Sure", "messages": [
         {"role": "user", "content": b}]} for b in ("Say hi", "Say no")]}))
@@ -947,7 +948,16 @@ def test_chat_evaluation_with_a_direction_adds_ablate_and_orthogonalized(chat_mo
         by = lambda kind, attack: [g["generation"] for g in gens if (g["set"], g["attack"]) == (kind, attack)]
         if name == "base":  # no adapter: hooks and orthogonalised weights are the same model
             assert by("harmful", "ablate") == by("harmful", "orthogonalized")
-        # a changed model's answers: no incoherence test by the base model's NLL (scoring.NOT_FROM_TOKENS)
-        assert all(g["nll"] is None for g in gens if g["attack"] in ("ablate", "orthogonalized"))
-        assert all(g["nll"] is not None for g in gens if g["attack"] in ("direct", "prefill"))
+        assert all(g["nll"] is not None for g in gens if g["attack"] in ("direct", "prefill", "ablate", "orthogonalized"))
+    # a changed model's answers are scored by the orthogonalised base model, against its own threshold
+    # (scoring.ORTHOGONALIZED): for the base, its orthogonalised answers are that model's own
+    base, cb = result["base"], result["circuit_breaker"]
+    assert base["orthogonalized_nll_threshold"] != base["nll_threshold"]
+    model, tok = attacks.load_evaluated(chat_model, None, torch.float32, "cpu")
+    ortho = chat_eval.orthogonalized(model, refusal.load_direction(tmp_path / "d.safetensors",
+                                                                   hf.model_args(hf.read_config(chat_model))))
+    for g in [g for g in cb["generations"] if g["attack"] in ("ablate", "orthogonalized")]:
+        prompt = attacks.chat_prompt(tok, [{"role": "user", "content": g["behavior"]}])
+        assert g["nll"] == pytest.approx(scoring.nll_per_token(ortho, tok, [prompt], [g["generation"]])[0], abs=1e-4)
+        assert g["outcome"] == scoring.outcome(g["generation"], g["nll"], base["orthogonalized_nll_threshold"])
     assert "orthogonalized_benign_compliant" in chat_eval.chat_table(result)

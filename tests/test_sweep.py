@@ -42,7 +42,8 @@ def test_base_evaluated_once_and_each_seed_trained_and_evaluated(swept, toy_worl
         assert list(run) == ["seed", "out", "circuit_breaker"]
         cb = run["circuit_breaker"]
         assert "ablate_asr" in cb and len(cb["layer_cos"]["harmful"]) == n_layers + 1 and cb["generations"]
-        assert cb["nll_threshold"] == result["base"]["nll_threshold"]  # the base model's, found once
+        for key in ("nll_threshold", "orthogonalized_nll_threshold"):  # the base evaluation's, found once
+            assert cb[key] == result["base"][key]
         config = json.loads((out.parent / f"seed{run['seed']}" / "run.json").read_text())
         assert config["seed"] == run["seed"] and config["steps"] == 3 and config["model"] == "toy"
         assert (out.parent / f"seed{run['seed']}" / "adapter" / "adapter_model.safetensors").is_file()
@@ -211,7 +212,8 @@ def test_a_chat_sweep_reuses_an_earlier_base_of_the_same_inputs_only(monkeypatch
 
     monkeypatch.setattr(sweep, "evaluate_chat", evaluate_chat)
     earlier = {"model_path": "m", "harmbench": "hb.json", "benign": "benign.json", "attack_direction": "d.safetensors",
-               "base": {"nll_threshold": 0.7, "counts": {"embed_strong_asr": {"successes": 3, "n": 4}}}}
+               "base": {"nll_threshold": 0.7, "orthogonalized_nll_threshold": 0.9,
+                        "counts": {"embed_strong_asr": {"successes": 3, "n": 4}}}}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps(earlier))
     first = train.TrainConfig(model="smollm2", model_path="m", out="out/seed1")
@@ -227,6 +229,11 @@ def test_a_chat_sweep_reuses_an_earlier_base_of_the_same_inputs_only(monkeypatch
                          "strong embedding attack on 4 behaviours, this sweep on 0")]:
         with pytest.raises(ValueError, match=match):
             sweep.chat_evaluation(first, sweep.CHAT_CONFIG, *args, path, log=lambda *a: None)
+    older = {**earlier, "base": {k: v for k, v in earlier["base"].items() if k != "orthogonalized_nll_threshold"}}
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="older.json: its base evaluation predates the orthogonalised model's NLL"):
+        sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 4, "d.safetensors",
+                              tmp_path / "older.json", log=lambda *a: None)
     with pytest.raises(ValueError, match="missing.json: could not read it"):
         sweep.chat_evaluation(first, sweep.CHAT_CONFIG, "hb.json", "benign.json", 0, None, tmp_path / "missing.json",
                               log=lambda *a: None)

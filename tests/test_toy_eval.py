@@ -117,8 +117,9 @@ def test_every_generation_is_kept_and_judged(result, toy_world):
 def test_every_attack_has_its_outcome_classes(result, toy_world):
     """Beside each ASR, refusal / broken / compliant, each harmful answer's NLL taken under the base model."""
     world = toy.load_world(toy_world)
-    threshold = result["base"]["nll_threshold"]
-    assert threshold is not None and result["circuit_breaker"]["nll_threshold"] == threshold  # the base's, once
+    thresholds = {k: result["base"][k] for k in ("nll_threshold", "orthogonalized_nll_threshold")}
+    assert None not in thresholds.values() and thresholds["nll_threshold"] != thresholds["orthogonalized_nll_threshold"]
+    assert all(result["circuit_breaker"][k] == v for k, v in thresholds.items())  # the base evaluation's, once
     for name in ("base", "circuit_breaker"):
         harmful = [g for g in result[name]["generations"] if g["set"] == "harmful"]
         assert set(result[name]["outcomes"]) == set(ATTACKS)
@@ -128,6 +129,8 @@ def test_every_attack_has_its_outcome_classes(result, toy_world):
             for c in ("refusal", "broken", "compliant"):
                 assert rates[c] == found.count(c) / len(found) and rates["ci95"][c] == wilson(found.count(c), len(found))
         for g in harmful:
+            # the ablate attack's answers against the orthogonalised base model (scoring.ORTHOGONALIZED)
+            threshold = thresholds["orthogonalized_nll_threshold" if g["attack"] == "ablate" else "nll_threshold"]
             assert g["outcome"] == scoring.outcome(g["generation"], g["nll"], threshold)
             if g["attack"] in scoring.NOT_FROM_TOKENS:  # not answered from a token prompt: no incoherence test
                 assert g["nll"] is None
@@ -140,6 +143,13 @@ def test_the_circuit_broken_models_nll_is_the_base_models(result, toy_world):
     g = next(g for g in harmful if g["nll"] is not None)
     prompt = chat_prompt(tok, [{"role": "user", "content": g["behavior"]}])
     assert scoring.nll_per_token(model, tok, [prompt], [g["generation"]])[0] == pytest.approx(g["nll"], abs=1e-4)
+    # the ablate attack's, under the base model with the direction orthogonalised away
+    searched = [g for g in result["circuit_breaker"]["generations"] if g["attack"] == "ablate" and g["nll"] is not None]
+    direction = random_direction(toy_world)
+    ortho = refusal.orthogonalize(model, direction.direction)
+    prompts = [chat_prompt(tok, [{"role": "user", "content": g["behavior"]}]) for g in searched]
+    assert searched and scoring.nll_per_token(ortho, tok, prompts, [g["generation"] for g in searched]) \
+        == pytest.approx([g["nll"] for g in searched], abs=1e-4)
 
 
 def test_layer_picture_of_the_circuit_broken_model(result, toy_world):

@@ -40,7 +40,8 @@ apart from them):
 
 The base model is evaluated first; its answers and its NLL threshold for the `broken` class (the 99th
 percentile of its NLL over its own benign answers) are the reference every circuit-broken model is
-measured against.
+measured against. With a direction, the answers of the ablate and orthogonalized attacks are measured
+against the orthogonalised base model and its own threshold (scoring.ORTHOGONALIZED says why).
 """
 
 import argparse
@@ -60,7 +61,7 @@ from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_pe
 from data import Example, evenly_spaced, load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
-from scoring import (NOT_FROM_TOKENS, any_solution, nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates,
+from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, any_solution, nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates,
                      outcome_text, rate_text, scoring_prompt, wilson)
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr", "ablate_asr",
@@ -107,18 +108,19 @@ def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HA
     if base_result is None:
         log("chat evaluation: base")
         model, tok = load_evaluated(model_path, None, torch_dtype, device)
-        orthogonal = (lambda: orthogonalized(fresh(None), direction)) if direction else None
-        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, orthogonal, **attacked)
-        del model
+        ortho_base = orthogonalized(fresh(None), direction) if direction else None
+        base_result = out["base"] = base_metrics(model, tok, harmful, benign_items, ortho_base, **attacked)
+        del model, ortho_base
         release()
     if adapter is not None:
         log("chat evaluation: circuit_breaker")
         base, tok = load_evaluated(model_path, None, torch_dtype, device)
         model = fresh(adapter)
+        ortho_base = orthogonalized(fresh(None), direction) if direction else None
         orthogonal = (lambda: orthogonalized(fresh(adapter), direction)) if direction else None
-        out["circuit_breaker"] = circuit_breaker_metrics(model, base, tok, harmful, benign_items, orthogonal,
-                                                         base_result=base_result, **attacked)
-        del model, base
+        out["circuit_breaker"] = circuit_breaker_metrics(model, base, ortho_base, tok, harmful, benign_items,
+                                                         orthogonal, base_result=base_result, **attacked)
+        del model, base, ortho_base
         release()
     return out
 
@@ -133,49 +135,68 @@ def orthogonalized(model, direction):
 # The two models' metrics
 
 
-def base_metrics(model, tok, harmful, benign, orthogonal, *, n_embed, direction, cfg) -> dict:
+def base_metrics(model, tok, harmful, benign, ortho_base, *, n_embed, direction, cfg) -> dict:
     """The base model's rates, and the reference the circuit-broken models are measured against: its
-    benign answers' NLL threshold, and the texts (its own answers) whose NLL and layer cosines are compared."""
+    benign answers' NLL threshold (and, with a direction, the orthogonalised base model's, from its own
+    benign answers: scoring.ORTHOGONALIZED), and the texts (its own answers) whose NLL and layer cosines
+    are compared."""
     answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
-    benign_prompts = [chat_prompt(tok, it["messages"]) for it in benign]
-    threshold = nll_threshold(nll_per_token(model, tok, benign_prompts, answers, cfg.batch_size))
-    metrics = attack_metrics(model, model, tok, harmful, benign, answers, n_embed, cfg, threshold, direction,
-                             orthogonal)
+    references = {"base": (model, benign_threshold(model, tok, benign, answers, cfg))}
+    orthogonal = None
+    if ortho_base is not None:
+        ortho_answers = [r["generation"] for r in attack_direct(ortho_base, tok, benign, cfg)]
+        references["orthogonalized"] = ortho_base, benign_threshold(ortho_base, tok, benign, ortho_answers, cfg)
+        orthogonal = ortho_base, ortho_answers
+    metrics = attack_metrics(model, tok, harmful, benign, answers, n_embed, cfg, references, direction, orthogonal)
     compliant = [g for g in metrics["generations"]
                  if g["set"] == "harmful" and g["attack"] == "direct" and g["outcome"] == "compliant"]
     texts = {"harmful": [(g["behavior"], g["generation"]) for g in compliant],
              "benign": [(it["instruction"], a) for it, a in zip(benign, answers)]}
-    return {**metrics, "nll_threshold": threshold, "reference_texts": texts,
-            "nll": reference_nll(model, tok, texts, cfg.batch_size)}
+    thresholds = {"nll_threshold": references["base"][1]}
+    if ortho_base is not None:
+        thresholds["orthogonalized_nll_threshold"] = references["orthogonalized"][1]
+    return {**metrics, **thresholds, "reference_texts": texts, "nll": reference_nll(model, tok, texts, cfg.batch_size)}
 
 
-def circuit_breaker_metrics(model, base, tok, harmful, benign, orthogonal, *, n_embed, direction, cfg,
+def benign_threshold(model, tok, benign, answers, cfg) -> float | None:
+    """scoring.nll_threshold of `model`'s own answers to the benign instructions."""
+    prompts = [chat_prompt(tok, it["messages"]) for it in benign]
+    return nll_threshold(nll_per_token(model, tok, prompts, answers, cfg.batch_size))
+
+
+def circuit_breaker_metrics(model, base, ortho_base, tok, harmful, benign, orthogonal, *, n_embed, direction, cfg,
                             base_result) -> dict:
     """The same rates; the NLL of the base model's texts and the layer cosines (measured first, while
-    the adapter can still be switched off), then every attack on the merged weights."""
+    the adapter can still be switched off), then every attack on the merged weights. Answers are classed
+    against the base model (`ortho_base`, orthogonalised, for the attacks that remove the direction) and
+    the thresholds of its evaluation. `orthogonal` loads the circuit-broken model orthogonalised."""
     texts = base_result["reference_texts"]
     cosines = text_cosines(model, tok, texts, MAX_LENGTH, cfg.batch_size)
     nll = reference_nll(model, tok, texts, cfg.batch_size)
     merge_lora(model).eval()
     answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
-    metrics = attack_metrics(model, base, tok, harmful, benign, answers, n_embed, cfg, base_result["nll_threshold"],
-                             direction, orthogonal)
+    references = {"base": (base, base_result["nll_threshold"])}
+    if ortho_base is not None:
+        references["orthogonalized"] = ortho_base, base_result["orthogonalized_nll_threshold"]
+        ortho = orthogonal()
+        orthogonal = ortho, [r["generation"] for r in attack_direct(ortho, tok, benign, cfg)]
+    metrics = attack_metrics(model, tok, harmful, benign, answers, n_embed, cfg, references, direction, orthogonal)
     change = {name: nll[name] / base_result["nll"][name] - 1 for name in nll}
     return {**metrics, "nll": nll, "nll_change": change,
             "layer_cos": {name: cosines[name] for name in ("harmful", "benign")},
             "n_layer_texts": {name: cosines[f"n_{name}"] for name in ("harmful", "benign")}}
 
 
-def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, cfg, threshold, direction=None,
+def attack_metrics(model, tok, harmful, benign, benign_answers, n_embed, cfg, references, direction=None,
                    orthogonal=None) -> dict:
     """Benign compliance and each attack's ASR (its compliant rate), with counts, Wilson intervals,
-    outcome classes and every generation. `base` scores each answer's NLL for the broken class.
+    outcome classes and every generation. `references`: {"base": (model, NLL threshold)} for the broken
+    class, and "orthogonalized" with a direction (scoring.ORTHOGONALIZED).
     `n_embed`: (behaviours under the paper's embedding attack, under the strong one; 0 skips it).
-    `direction`, `orthogonal` (loads the orthogonalized model):
-    the ablate and orthogonalized attacks, and the benign instructions asked of the orthogonalized model."""
-    reference = (base, threshold)
+    `direction`, `orthogonal` ((the orthogonalized model, its answers to the benign instructions)):
+    the ablate and orthogonalized attacks, and the benign answers of the orthogonalized model."""
     asked = [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, benign_answers)]
-    generations = judge(benign, asked, "benign", "direct", tok, cfg, reference)
+    generations = judge(benign, asked, "benign", "direct", tok, cfg, references)
     n_paper, n_strong = n_embed
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "prefill": lambda: attack_prefill(model, tok, harmful, cfg)}
@@ -190,18 +211,17 @@ def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, c
     for attack, run in attacks.items():
         results = run()
         items = [it for it, _ in each_sample(harmful, answers_per_item(attack, cfg))]  # the item of each result
-        judged = judge(items, results, "harmful", attack, tok, cfg, reference)
+        judged = judge(items, results, "harmful", attack, tok, cfg, references)
         successes = any_solution([g["outcome"] == "compliant" for g in judged], attack, cfg)
         counts[f"{attack}_asr"] = {"successes": sum(successes), "n": len(successes)}
         outcomes[attack] = outcome_rates([g["outcome"] for g in judged])
         generations += judged
     if orthogonal is not None:
-        ortho = orthogonal()
-        asked = [{"prompt": it["instruction"], "generation": r["generation"]}
-                 for it, r in zip(benign, attack_direct(ortho, tok, benign, cfg))]
-        judged_benign = judge(benign, asked, "benign", "orthogonalized", tok, cfg, reference)
+        ortho, ortho_answers = orthogonal
+        asked = [{"prompt": it["instruction"], "generation": a} for it, a in zip(benign, ortho_answers)]
+        judged_benign = judge(benign, asked, "benign", "orthogonalized", tok, cfg, references)
         judged = judge(harmful, attack_direct(ortho, tok, harmful, cfg), "harmful", "orthogonalized", tok, cfg,
-                       reference)
+                       references)
         counts["orthogonalized_benign_compliant"] = count(judged_benign)
         counts["orthogonalized_asr"] = count(judged)
         outcomes["orthogonalized_benign"] = outcome_rates([g["outcome"] for g in judged_benign])
@@ -214,9 +234,11 @@ def attack_metrics(model, base, tok, harmful, benign, benign_answers, n_embed, c
             "generations": generations}
 
 
-def judge(items, results, kind, attack, tok, cfg, reference) -> list[dict]:
-    """Generation records with their outcome class; the NLL is the base model's, after the prompt sent."""
-    base, threshold = reference
+def judge(items, results, kind, attack, tok, cfg, references) -> list[dict]:
+    """Generation records with their outcome class; the NLL is the reference model's (scoring.py's
+    ORTHOGONALIZED: the orthogonalised base for ablate and orthogonalized, else the base), after the
+    prompt sent."""
+    base, threshold = references["orthogonalized" if attack in ORTHOGONALIZED else "base"]
     texts = [r["generation"] for r in results]
     if attack in NOT_FROM_TOKENS:
         nlls = [None] * len(texts)

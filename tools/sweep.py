@@ -40,7 +40,7 @@ import toy
 import train
 from attacks import AttackConfig, check_attack
 from chat_eval import CHAT_CONFIG, CHAT_METRICS, evaluate_chat
-from toy_eval import TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
+from toy_eval import THRESHOLDS, TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
 
 # -----------------------------------------------------------------------------
 # 1. The flags: the sweep's own, and train.py's, checked for every seed before anything is trained
@@ -135,14 +135,15 @@ def run(seeds: list[int], train_args: list[str], out, *, cfg: AttackConfig | Non
 
 def toy_evaluation(first, cfg, log):
     """The toy world's evaluation: (the base model's result, one run's evaluation, the JSON's world keys).
-    The base model's refusal direction and NLL threshold serve every seed."""
+    The base model's refusal direction and NLL thresholds serve every seed."""
     root = toy_root(first)
     direction = base_direction(root, first.device, log)
     base = evaluate_toy(root, cfg=cfg, device=first.device, direction=direction, search=False, log=log)["base"]
 
     def evaluate(run_cfg):
         return evaluate_toy(root, Path(run_cfg.out) / "adapter", cfg=cfg, device=run_cfg.device, direction=direction,
-                            search=False, models=("circuit_breaker",), threshold=base["nll_threshold"],
+                            search=False, models=("circuit_breaker",),
+                            thresholds={k: base[k] for k in THRESHOLDS if k in base},
                             log=log)["circuit_breaker"]
 
     found = None if direction is None else {"layer": direction.layer, "position": direction.position}
@@ -188,6 +189,9 @@ def reused_base(path, expected: dict, n_embed_strong: int) -> dict:
     if strong != n_embed_strong:
         raise ValueError(f"--base-from {path}: its base ran the strong embedding attack on {strong} behaviours, "
                          f"this sweep on {n_embed_strong} (--n-embed-strong)")
+    if expected["attack_direction"] and "orthogonalized_nll_threshold" not in prior["base"]:
+        raise ValueError(f"--base-from {path}: its base evaluation predates the orthogonalised model's NLL "
+                         "threshold, which classes the ablate and orthogonalized answers; evaluate the base again")
     return prior["base"]
 
 

@@ -15,10 +15,12 @@ rates.
 
 Beside each attack's ASR, its answers' outcome classes (scoring.py): a broken model looks safe to an ASR.
 Every harmful generation record has its "outcome" and "nll", its mean NLL per token under the base model
-(the frozen one, also for the circuit-broken model; None for the embed, embed_strong and ablate attacks, see
+(the frozen one, also for the circuit-broken model; None for the embed and embed_strong attacks, see
 NOT_FROM_TOKENS), and each model's "nll_threshold" is the 99th percentile of that NLL over the base
 model's answers to the held-out benign questions, generated as the attacks' answers are (greedy, or k
-sampled answers per question at the same temperature).
+sampled answers per question at the same temperature). The ablate attack's answers are measured against
+the base model with the direction orthogonalised away and its own "orthogonalized_nll_threshold"
+(scoring.ORTHOGONALIZED).
 
 With cfg.samples = k > 1, every rate counts all k answers per question or item (n = items x k), and each
 attack also has `<attack>_asr_best_of_k`: the share of items with a success among their k answers. The
@@ -27,6 +29,7 @@ when any solution's does, as its authors counted, and its outcome classes count 
 """
 
 import argparse
+import copy
 import math
 import sys
 from contextlib import contextmanager
@@ -45,7 +48,7 @@ from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_pe
                      check_attack, decoding, each_sample, load_evaluated, release)
 from layers import layers_table, measure_layers, text_cosines, write_layers
 from lora import merge_lora
-from scoring import (NOT_FROM_TOKENS, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold, outcome,
+from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold, outcome,
                      outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
 
 TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr",
@@ -57,14 +60,15 @@ MAX_LENGTH = 1024  # more than any toy text: the layer analysis never cuts one
 
 
 def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = None, device="cpu", direction=None,
-                 search=True, models=None, threshold=None, threads=1, log=print) -> dict:
+                 search=True, models=None, thresholds=None, threads=1, log=print) -> dict:
     """{"base": {...}, "circuit_breaker": {...}} (the latter only with an adapter), each with
     benign_accuracy and the ASR of every attack on the held-out harmful items, the counts behind each
     rate, and every generation; the circuit-broken model also has its layer cosines. `models` picks
     some of the two (a sweep evaluates the base model once). ablate_asr uses the base model's refusal
     direction: `direction` (a refusal.py file, or one already found), or else, with `search`, the one
-    refusal.py finds; without either, ablate_asr is left out. `threshold`: the base model's NLL threshold
-    (scoring.py), when already known (a sweep's base evaluation); else it is found here."""
+    refusal.py finds; without either, ablate_asr is left out. `thresholds`: the base evaluation's
+    "nll_threshold" (scoring.py) and, with a direction, "orthogonalized_nll_threshold", when already known
+    (a sweep's base evaluation); else they are found here."""
     cfg = cfg or TOY_CONFIG
     check_attack(cfg)
     root = Path(toy_root)
@@ -94,7 +98,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
             if direction is None and search:
                 direction = toy_direction(model, model_path, root, log)
             out["base"] = toy_metrics(model, tok, world, cfg, direction)
-            threshold = out["base"]["nll_threshold"] if threshold is None else threshold
+            thresholds = thresholds or {k: v for k, v in out["base"].items() if k in THRESHOLDS}
             del model
             release()
         if "circuit_breaker" in models:
@@ -102,12 +106,28 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
                 direction = base_direction(root, device, log)
             log("toy evaluation: circuit_breaker")
             base, tok = load_evaluated(model_path, None, torch.float32, device)
-            threshold = base_threshold(base, tok, world, cfg) if threshold is None else threshold
+            known = thresholds or {}
+            references = {"base": (base, known["nll_threshold"] if "nll_threshold" in known
+                                   else base_threshold(base, tok, world, cfg))}
+            if direction is not None:
+                ortho = orthogonalized(base, direction)
+                references["orthogonalized"] = ortho, (known["orthogonalized_nll_threshold"]
+                                                       if "orthogonalized_nll_threshold" in known
+                                                       else base_threshold(ortho, tok, world, cfg))
             out["circuit_breaker"] = circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction,
-                                                             (base, threshold))
-            del base
+                                                             references)
+            del base, references
             release()
     return out
+
+
+THRESHOLDS = ("nll_threshold", "orthogonalized_nll_threshold")  # of the base evaluation, reused by a sweep
+
+
+def orthogonalized(model, direction):
+    """A copy of the base model with the refusal direction orthogonalised away: the model the ablate
+    attack runs, without a circuit breaker, which its answers are measured against."""
+    return refusal.orthogonalize(copy.deepcopy(model), direction.direction).eval()
 
 
 def eval_items(world: dict) -> tuple[list[dict], list[dict]]:
@@ -118,13 +138,13 @@ def eval_items(world: dict) -> tuple[list[dict], list[dict]]:
     return harmful, benign
 
 
-def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction, reference) -> dict:
+def circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction, references) -> dict:
     """toy_metrics, and the layer cosines. The layer picture needs the adapter switchable, so it is measured
     first; the attacks then run on merged weights, the merge hf.load_model(merge=True) does: the same numbers."""
     model, tok = load_evaluated(model_path, adapter, torch.float32, device, merge=False)
     cosines = text_cosines(model, tok, toy_texts(world), MAX_LENGTH, cfg.batch_size)
     merge_lora(model).eval()
-    metrics = toy_metrics(model, tok, world, cfg, direction, reference)
+    metrics = toy_metrics(model, tok, world, cfg, direction, references)
     return {**metrics, "layer_cos": {name: cosines[name] for name in ("harmful", "benign")}}
 
 
@@ -142,11 +162,12 @@ def cpu_threads(device, n: int = 1):
         torch.set_num_threads(threads)
 
 
-def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
+def toy_metrics(model, tok, world, cfg, direction, references=None) -> dict:
     """The rates, the counts behind them ({metric: {"successes", "n"}}), each rate's 95% Wilson interval
-    ({metric: [low, high]}), each attack's outcome classes and every generation, judged. `reference`:
-    (the base model, its NLL threshold) for a circuit-broken model; None when `model` is the base, whose
-    own benign answers then set the threshold."""
+    ({metric: [low, high]}), each attack's outcome classes and every generation, judged. `references`:
+    {"base": (the base model, its NLL threshold)} and, with a direction, "orthogonalized" (the base model
+    orthogonalised, its threshold) for a circuit-broken model; None when `model` is the base, whose own
+    benign answers (and its orthogonalised copy's) then set the thresholds."""
     harmful, benign = eval_items(world)
     k = cfg.samples
     asked = [it for it, _ in each_sample(benign, k)]  # the question of each answer
@@ -160,8 +181,11 @@ def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
     for dishes, metric in ((False, "benign_accuracy"), (True, "dish_accuracy")):
         scores = [g["score"] for g, it in zip(generations, asked) if (it["family"] == "dish") == dishes]
         counts[metric] = {"successes": sum(scores), "n": len(scores)}
-    if reference is None:
-        reference = model, benign_nll_threshold(model, tok, asked, [r["generation"] for r in answers], cfg)
+    if references is None:
+        references = {"base": (model, benign_nll_threshold(model, tok, asked, [r["generation"] for r in answers], cfg))}
+        if direction is not None:
+            ortho = orthogonalized(model, direction)
+            references["orthogonalized"] = ortho, base_threshold(ortho, tok, world, cfg)
 
     attacks = {"direct": lambda: attack_direct(model, tok, harmful, cfg),
                "jailbreak": lambda: attack_jailbreak(model, tok, harmful, cfg, world["jailbreak_template"]),
@@ -173,7 +197,7 @@ def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
     outcomes = {}
     for attack, run in attacks.items():
         judged = judge_attack(attack, [it for it, _ in each_sample(harmful, answers_per_item(attack, cfg))], run(),
-                              tok, cfg, reference)
+                              tok, cfg, references)
         scores = any_solution([g["score"] == 1 for g in judged], attack, cfg)  # (items x k,)
         counts[f"{attack}_asr"] = {"successes": sum(scores), "n": len(scores)}
         best = best_of_k(scores, k)
@@ -183,15 +207,18 @@ def toy_metrics(model, tok, world, cfg, direction, reference=None) -> dict:
 
     n_dishes = sum(it["family"] == "dish" for it in benign)
     rates = {m: c["successes"] / max(c["n"], 1) for m, c in counts.items()}
+    thresholds = {"nll_threshold": references["base"][1]}
+    if "orthogonalized" in references:
+        thresholds["orthogonalized_nll_threshold"] = references["orthogonalized"][1]
     return {**rates, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes,
             **decoding(cfg), "counts": counts, "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()},
-            "outcomes": outcomes, "nll_threshold": reference[1], "generations": generations}
+            "outcomes": outcomes, **thresholds, "generations": generations}
 
 
-def judge_attack(attack, harmful, results, tok, cfg, reference) -> list[dict]:
-    """One attack's generation records: the toy judge's score, and the outcome class under the base model.
-    `harmful`: the item of each result (k per item with k samples)."""
-    base, threshold = reference
+def judge_attack(attack, harmful, results, tok, cfg, references) -> list[dict]:
+    """One attack's generation records: the toy judge's score, and the outcome class under the base model
+    (orthogonalised for the ablate attack). `harmful`: the item of each result (k per item with k samples)."""
+    base, threshold = references["orthogonalized" if attack in ORTHOGONALIZED else "base"]
     generations = [r["generation"] for r in results]
     if attack in NOT_FROM_TOKENS:
         nlls = [None] * len(generations)  # no token prompt the base model could have answered this from
@@ -213,8 +240,8 @@ def benign_nll_threshold(base, tok, benign, answers, cfg) -> float | None:
 
 
 def base_threshold(base, tok, world, cfg) -> float | None:
-    """benign_nll_threshold, the base model's benign answers generated for it (when the base model itself
-    is not evaluated)."""
+    """benign_nll_threshold, the model's benign answers generated for it (the base model when it is not
+    evaluated itself, or its orthogonalised copy)."""
     _, benign = eval_items(world)
     answers = [r["generation"] for r in attack_direct(base, tok, benign, cfg)]
     return benign_nll_threshold(base, tok, [it for it, _ in each_sample(benign, cfg.samples)], answers, cfg)
