@@ -948,7 +948,8 @@ def test_chat_evaluation_with_a_direction_adds_ablate_and_orthogonalized(chat_mo
         by = lambda kind, attack: [g["generation"] for g in gens if (g["set"], g["attack"]) == (kind, attack)]
         if name == "base":  # no adapter: hooks and orthogonalised weights are the same model
             assert by("harmful", "ablate") == by("harmful", "orthogonalized")
-        assert all(g["nll"] is not None for g in gens if g["attack"] in ("direct", "prefill", "ablate", "orthogonalized"))
+        scored = ("direct", "prefill", "ablate", "orthogonalized")
+        assert all(g["nll"] is not None for g in gens if g["attack"] in scored)
     # a changed model's answers are scored by the orthogonalised base model, against its own threshold
     # (scoring.ORTHOGONALIZED): for the base, its orthogonalised answers are that model's own
     base, cb = result["base"], result["circuit_breaker"]

@@ -61,8 +61,8 @@ from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_pe
 from data import Example, evenly_spaced, load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
-from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, any_solution, nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates,
-                     outcome_text, rate_text, scoring_prompt, wilson)
+from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, any_solution, nll_per_token, nll_sums, nll_threshold, outcome,
+                     outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr", "ablate_asr",
                 "orthogonalized_asr", "orthogonalized_benign_compliant")
@@ -117,9 +117,9 @@ def evaluate_chat(model_path, adapter=None, *, harmbench, benign, n_harmful=N_HA
         base, tok = load_evaluated(model_path, None, torch_dtype, device)
         model = fresh(adapter)
         ortho_base = orthogonalized(fresh(None), direction) if direction else None
-        orthogonal = (lambda: orthogonalized(fresh(adapter), direction)) if direction else None
+        load_orthogonal = lambda: orthogonalized(fresh(adapter), direction)
         out["circuit_breaker"] = circuit_breaker_metrics(model, base, ortho_base, tok, harmful, benign_items,
-                                                         orthogonal, base_result=base_result, **attacked)
+                                                         load_orthogonal, base_result=base_result, **attacked)
         del model, base, ortho_base
         release()
     return out
@@ -164,21 +164,21 @@ def benign_threshold(model, tok, benign, answers, cfg) -> float | None:
     return nll_threshold(nll_per_token(model, tok, prompts, answers, cfg.batch_size))
 
 
-def circuit_breaker_metrics(model, base, ortho_base, tok, harmful, benign, orthogonal, *, n_embed, direction, cfg,
-                            base_result) -> dict:
+def circuit_breaker_metrics(model, base, ortho_base, tok, harmful, benign, load_orthogonal, *, n_embed, direction,
+                            cfg, base_result) -> dict:
     """The same rates; the NLL of the base model's texts and the layer cosines (measured first, while
     the adapter can still be switched off), then every attack on the merged weights. Answers are classed
     against the base model (`ortho_base`, orthogonalised, for the attacks that remove the direction) and
-    the thresholds of its evaluation. `orthogonal` loads the circuit-broken model orthogonalised."""
+    the thresholds of its evaluation. `load_orthogonal` loads the circuit-broken model orthogonalised."""
     texts = base_result["reference_texts"]
     cosines = text_cosines(model, tok, texts, MAX_LENGTH, cfg.batch_size)
     nll = reference_nll(model, tok, texts, cfg.batch_size)
     merge_lora(model).eval()
     answers = [r["generation"] for r in attack_direct(model, tok, benign, cfg)]
-    references = {"base": (base, base_result["nll_threshold"])}
+    references, orthogonal = {"base": (base, base_result["nll_threshold"])}, None
     if ortho_base is not None:
         references["orthogonalized"] = ortho_base, base_result["orthogonalized_nll_threshold"]
-        ortho = orthogonal()
+        ortho = load_orthogonal()
         orthogonal = ortho, [r["generation"] for r in attack_direct(ortho, tok, benign, cfg)]
     metrics = attack_metrics(model, tok, harmful, benign, answers, n_embed, cfg, references, direction, orthogonal)
     change = {name: nll[name] / base_result["nll"][name] - 1 for name in nll}

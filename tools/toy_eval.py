@@ -48,8 +48,8 @@ from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_pe
                      check_attack, decoding, each_sample, load_evaluated, release)
 from layers import layers_table, measure_layers, text_cosines, write_layers
 from lora import merge_lora
-from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold, outcome,
-                     outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
+from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold,
+                     outcome, outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
 
 TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr",
                "embed_strong_asr", "ablate_asr")
