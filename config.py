@@ -68,6 +68,10 @@ class TrainConfig:
                                     "officially")
     loss_on: str = opt("full", "tokens the rerouting loss sees: full (the whole text, official) or response",
                        ("full", "response"))
+    ablate_direction: str = opt("", "a refusal.py direction file: every second step, the circuit-breaker rows' "
+                                    "LoRA pass runs with that direction ablated everywhere (the ablate attack), "
+                                    "so that the rerouting cannot rest on it. A defence against that attack, "
+                                    "not the paper's")
     # --- data (see data.py)
     refusal_retain: bool = opt(True, "add the model's own refusals to the retain set (preset: Llama-3 only)")
     with_request: str = opt("random", "circuit-breaker examples: random (with or without the request, "

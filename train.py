@@ -7,6 +7,7 @@ Train circuit breakers (Representation Rerouting, Zou et al. 2024) with LoRA, in
     python train.py --model llama3 --loss-alpha 8    # every TrainConfig field below is a flag
     python train.py --model llama3 --resume          # continue from <out>/checkpoint
     python train.py --model llama3 --loss direction --direction direction.safetensors
+    python train.py --model llama3 --ablate-direction direction.safetensors   # trained against ablation
 
 Each step: the frozen model's residual states (the same weights with the adapters switched off, no
 gradient), then the LoRA model's states on the same tokens; the rerouting term pushes the harmful
@@ -22,6 +23,7 @@ command line.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -30,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -163,12 +166,36 @@ def rerouting_term(cfg: TrainConfig, model, tokenizer):
     return losses.LOSSES[cfg.loss].build(losses.LossContext(model, tokenizer, cfg, directions))
 
 
-def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
+def ablated_direction(cfg: TrainConfig, model):
+    """--ablate-direction's unit direction (D,), read once; None without it."""
+    if not cfg.ablate_direction:
+        return None
+    try:
+        return refusal.load_direction(cfg.ablate_direction, model.args).direction
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--ablate-direction {e}") from None
+
+
+@contextmanager
+def ablated(model, direction):
+    """The model as the ablate attack runs it (refusal.ablate: `direction` projected out of every block's
+    input and outputs), its blocks not checkpointed: a checkpointed block runs its forward again in the
+    backward pass, after the ablation's hooks are gone, and would give the gradients of another model."""
+    checkpointing, model.gradient_checkpointing = model.gradient_checkpointing, False
+    try:
+        with refusal.ablate(model, direction):
+            yield
+    finally:
+        model.gradient_checkpointing = checkpointing
+
+
+def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None, ablation=None):
     """The circuit-breaker objective for one batch -> (loss, metrics). See losses.py for the math.
 
     whole: the step's whole batch when `batch` is one of its micro-batches (--micro-batch). Each mean is
     then weighted by this piece's share of the whole batch's tokens (rows, for the official retain term),
-    so that the pieces' losses, gradients and metrics add up to the whole batch's."""
+    so that the pieces' losses, gradients and metrics add up to the whole batch's.
+    ablation: --ablate-direction's direction, under which every second step's circuit-breaker pass runs."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
     retain_coeff *= cfg.retain_weight
     cb_share = 1.0 if whole is None else share(batch.cb_loss_mask, whole.cb_loss_mask)
@@ -183,8 +210,12 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None):
         cb_orig = cb_states(model, batch.cb_tokens, cfg, **cb_run)
         retain_orig = retain_states(model, batch.retain_tokens, **retain_run)
 
-    # (b) where the LoRA model's states are, with gradients
-    cb_new = cb_states(model, batch.cb_tokens, cfg, **cb_run)
+    # (b) where the LoRA model's states are, with gradients. With --ablate-direction, every second step
+    # reroutes the harmful states of the model with the refusal direction ablated, as the ablate attack
+    # runs it: the frozen states stay the plain model's, so the adapter must move harmful states that no
+    # longer carry the direction, and cannot stop them by writing it.
+    with ablated(model, ablation) if ablation is not None and step % 2 == 0 else contextlib.nullcontext():
+        cb_new = cb_states(model, batch.cb_tokens, cfg, **cb_run)
     retain_new = retain_states(model, batch.retain_tokens, **retain_run)
 
     # (c) the two terms, weighted by the schedule
@@ -215,7 +246,7 @@ def share(part, whole):
     return part.sum() / whole.sum().clamp_min(1)
 
 
-def step_gradients(model, batch, step: int, cfg: TrainConfig, rerouting, autocast) -> dict:
+def step_gradients(model, batch, step: int, cfg: TrainConfig, rerouting, autocast, ablation=None) -> dict:
     """Backward of the step's loss into the LoRA weights' .grad, over pieces of --micro-batch examples
     (one piece without it) -> the step's metrics, as floats. The forward runs under `autocast`, the
     backward outside it (as torch recommends). The metrics are read in one host synchronisation at the
@@ -226,7 +257,7 @@ def step_gradients(model, batch, step: int, cfg: TrainConfig, rerouting, autocas
     total = {}
     for piece in pieces:
         with autocast:
-            loss, m = step_loss(model, piece, step, cfg, rerouting, whole)
+            loss, m = step_loss(model, piece, step, cfg, rerouting, whole, ablation)
         loss.backward()
         for key, value in m.items():
             total[key] = value if key.endswith("coeff") else total.get(key, 0.0) + value
@@ -306,6 +337,7 @@ def train(cfg: TrainConfig):
     tokenizer, (cb, retain, val), resume_from = check_run(cfg)
     model = build_model(cfg)
     rerouting = rerouting_term(cfg, model, tokenizer)
+    ablation = ablated_direction(cfg, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_from:
@@ -329,7 +361,7 @@ def train(cfg: TrainConfig):
         n_tokens = int(batch.cb_mask.sum() + batch.retain_mask.sum())  # on the CPU, before the batch moves
         batch = batch.to(cfg.device)
         model.train()
-        m = step_gradients(model, batch, step, cfg, rerouting, autocast)
+        m = step_gradients(model, batch, step, cfg, rerouting, autocast, ablation)
         if not math.isfinite(m["loss"]):
             raise diverged(step, f"loss is {m['loss']}", last_good)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -1,6 +1,7 @@
 """Packed rows and micro-batches change how a step runs, not what it computes: the same losses, metrics
 and LoRA gradients as the padded whole batch, in fp32 on a tiny random model."""
 
+import contextlib
 import random
 from functools import partial
 
@@ -9,6 +10,7 @@ import torch
 
 import data
 import losses
+import refusal
 import train
 from lora import lora_disabled
 from model import ModelArgs, Transformer
@@ -93,6 +95,37 @@ def test_retain_weight_scales_the_retain_coefficient_only():
     assert three["retain_coeff"] == pytest.approx(3 * one["retain_coeff"]) and three["cb_coeff"] == one["cb_coeff"]
     expected = one["cb_coeff"] * one["cb_loss"] + 3 * one["retain_coeff"] * one["retain_loss"]
     assert three["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ablate_direction_reroutes_the_ablated_model_every_second_step():
+    """--ablate-direction: on even steps the rerouting term reads the LoRA model's states with the direction
+    ablated (refusal.ablate), against the plain frozen states; odd steps are the plain objective. With
+    checkpointing the gradients are those without it: a checkpointed block would recompute its forward in
+    the backward pass, after the ablation's hooks are gone."""
+    cfg, b = config(), batch(pack=True)
+    r_hat = refusal.unit(torch.randn(ARGS.dim, generator=torch.Generator().manual_seed(1)))
+    model = model_for(cfg)
+    for step, ablated in ((4, True), (3, False)):
+        _, m = train.step_loss(model, b, step, cfg, losses.rerouting_loss, ablation=r_hat)
+        with torch.no_grad():
+            with lora_disabled(model):
+                orig = train.cb_states(model, b.cb_tokens, cfg, lengths=b.cb_lengths)
+            with refusal.ablate(model, r_hat) if ablated else contextlib.nullcontext():
+                new = train.cb_states(model, b.cb_tokens, cfg, lengths=b.cb_lengths)
+        expected = losses.rerouting_loss(new, orig, b.cb_loss_mask)
+        assert m["cb_loss"].item() == pytest.approx(expected.item(), rel=1e-5), step
+    assert not model.gradient_checkpointing  # restored after the ablated pass
+
+    def gradients(grad_ckpt):
+        cfg = config(grad_ckpt=grad_ckpt)
+        model = model_for(cfg)
+        model.train()
+        train.step_gradients(model, b, 4, cfg, losses.rerouting_loss, torch.autocast("cpu", enabled=False), r_hat)
+        assert model.gradient_checkpointing == grad_ckpt
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    plain, checkpointed = gradients(False), gradients(True)
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], **TOL, msg=name)
 
 
 def test_packed_rows_with_a_sliding_window_and_checkpointing():

@@ -125,6 +125,18 @@ def test_direction_loss_without_a_file_is_refused_before_writing(world, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_ablate_direction_trains_and_a_bad_file_is_refused_before_writing(world, tmp_path):
+    from safetensors.torch import save_file
+    layers = {f"layer.{l}": torch.randn(32) for l in range(23)}
+    save_file({"direction": torch.randn(32), **layers}, tmp_path / "d.safetensors", {"layer": "3", "position": "-1"})
+    _, out = run(world, tmp_path, "--steps", "2", *FAST, "--ablate-direction", str(tmp_path / "d.safetensors"))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    save_file({"direction": torch.randn(16)}, tmp_path / "narrow.safetensors")
+    with pytest.raises(ValueError, match=r"--ablate-direction .*narrow.safetensors: 'direction' has shape \[16\]"):
+        run(world, tmp_path / "refused", *FAST, "--ablate-direction", str(tmp_path / "narrow.safetensors"))
+    assert not (tmp_path / "refused" / "out").exists()
+
+
 # -----------------------------------------------------------------------------
 # The whole recipe
 
