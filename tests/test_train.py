@@ -225,10 +225,10 @@ def killed_at(step, world, tmp_path, monkeypatch, *extra):
     """Run until step `step` starts, then stop as if the job were killed."""
     real_step = train.step_loss
 
-    def killed(model, batch, s, cfg, target, whole=None):
+    def killed(model, batch, s, cfg, target, whole=None, ablation=None):
         if s == step:
             raise KeyboardInterrupt
-        return real_step(model, batch, s, cfg, target, whole)
+        return real_step(model, batch, s, cfg, target, whole, ablation)
 
     monkeypatch.setattr(train, "step_loss", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -365,8 +365,8 @@ def test_missing_data_file_names_file_and_data_dir(world, tmp_path):
 def test_nan_loss_stops_with_step_and_last_checkpoint(world, tmp_path, monkeypatch):
     real_step = train.step_loss
 
-    def nan_at_step_3(model, batch, step, cfg, target, whole=None):
-        loss, m = real_step(model, batch, step, cfg, target, whole)
+    def nan_at_step_3(model, batch, step, cfg, target, whole=None, ablation=None):
+        loss, m = real_step(model, batch, step, cfg, target, whole, ablation)
         if step == 3:
             m["loss"] = float("nan")
         return loss, m
