@@ -32,7 +32,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -176,7 +175,7 @@ def ablated_direction(cfg: TrainConfig, model):
         raise ValueError(f"--ablate-direction {e}") from None
 
 
-@contextmanager
+@contextlib.contextmanager
 def ablated(model, direction):
     """The model as the ablate attack runs it (refusal.ablate: `direction` projected out of every block's
     input and outputs), its blocks not checkpointed: a checkpointed block runs its forward again in the

@@ -61,8 +61,8 @@ from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_pe
 from data import Example, evenly_spaced, load_harmbench, load_instructions
 from layers import text_cosines
 from lora import merge_lora
-from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, any_solution, nll_per_token, nll_sums, nll_threshold, outcome,
-                     outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
+from scoring import (NOT_FROM_TOKENS, any_solution, nll_per_token, nll_sums, nll_threshold, outcome, outcome_rates,
+                     outcome_text, rate_text, recorded_thresholds, reference_for, scoring_prompt, wilson)
 
 CHAT_METRICS = ("benign_compliant", "direct_asr", "prefill_asr", "embed_asr", "embed_strong_asr", "ablate_asr",
                 "orthogonalized_asr", "orthogonalized_benign_compliant")
@@ -152,10 +152,8 @@ def base_metrics(model, tok, harmful, benign, ortho_base, *, n_embed, direction,
                  if g["set"] == "harmful" and g["attack"] == "direct" and g["outcome"] == "compliant"]
     texts = {"harmful": [(g["behavior"], g["generation"]) for g in compliant],
              "benign": [(it["instruction"], a) for it, a in zip(benign, answers)]}
-    thresholds = {"nll_threshold": references["base"][1]}
-    if ortho_base is not None:
-        thresholds["orthogonalized_nll_threshold"] = references["orthogonalized"][1]
-    return {**metrics, **thresholds, "reference_texts": texts, "nll": reference_nll(model, tok, texts, cfg.batch_size)}
+    return {**metrics, **recorded_thresholds(references), "reference_texts": texts,
+            "nll": reference_nll(model, tok, texts, cfg.batch_size)}
 
 
 def benign_threshold(model, tok, benign, answers, cfg) -> float | None:
@@ -238,7 +236,7 @@ def judge(items, results, kind, attack, tok, cfg, references) -> list[dict]:
     """Generation records with their outcome class; the NLL is the reference model's (scoring.py's
     ORTHOGONALIZED: the orthogonalised base for ablate and orthogonalized, else the base), after the
     prompt sent."""
-    base, threshold = references["orthogonalized" if attack in ORTHOGONALIZED else "base"]
+    base, threshold = reference_for(attack, references)
     texts = [r["generation"] for r in results]
     if attack in NOT_FROM_TOKENS:
         nlls = [None] * len(texts)

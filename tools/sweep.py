@@ -40,7 +40,8 @@ import toy
 import train
 from attacks import AttackConfig, check_attack
 from chat_eval import CHAT_CONFIG, CHAT_METRICS, evaluate_chat
-from toy_eval import THRESHOLDS, TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
+from scoring import THRESHOLDS
+from toy_eval import TOY_CONFIG, TOY_METRICS, base_direction, evaluate_toy
 
 # -----------------------------------------------------------------------------
 # 1. The flags: the sweep's own, and train.py's, checked for every seed before anything is trained
@@ -143,7 +144,7 @@ def toy_evaluation(first, cfg, log):
     def evaluate(run_cfg):
         return evaluate_toy(root, Path(run_cfg.out) / "adapter", cfg=cfg, device=run_cfg.device, direction=direction,
                             search=False, models=("circuit_breaker",),
-                            thresholds={k: base[k] for k in THRESHOLDS if k in base},
+                            thresholds={k: base[k] for k in THRESHOLDS.values() if k in base},
                             log=log)["circuit_breaker"]
 
     found = None if direction is None else {"layer": direction.layer, "position": direction.position}
@@ -189,7 +190,7 @@ def reused_base(path, expected: dict, n_embed_strong: int) -> dict:
     if strong != n_embed_strong:
         raise ValueError(f"--base-from {path}: its base ran the strong embedding attack on {strong} behaviours, "
                          f"this sweep on {n_embed_strong} (--n-embed-strong)")
-    if expected["attack_direction"] and "orthogonalized_nll_threshold" not in prior["base"]:
+    if expected["attack_direction"] and THRESHOLDS["orthogonalized"] not in prior["base"]:
         raise ValueError(f"--base-from {path}: its base evaluation predates the orthogonalised model's NLL "
                          "threshold, which classes the ablate and orthogonalized answers; evaluate the base again")
     return prior["base"]

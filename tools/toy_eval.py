@@ -48,8 +48,9 @@ from attacks import (ATTACK_MINIMUMS, AttackConfig, add_attack_flags, answers_pe
                      check_attack, decoding, each_sample, load_evaluated, release)
 from layers import layers_table, measure_layers, text_cosines, write_layers
 from lora import merge_lora
-from scoring import (NOT_FROM_TOKENS, ORTHOGONALIZED, OUTCOMES, any_solution, best_of_k, nll_per_token, nll_threshold,
-                     outcome, outcome_rates, outcome_text, rate_text, scoring_prompt, wilson)
+from scoring import (NOT_FROM_TOKENS, OUTCOMES, THRESHOLDS, any_solution, best_of_k, nll_per_token, nll_threshold,
+                     outcome, outcome_rates, outcome_text, rate_text, recorded_thresholds, reference_for,
+                     scoring_prompt, wilson)
 
 TOY_METRICS = ("benign_accuracy", "dish_accuracy", "direct_asr", "jailbreak_asr", "prefill_asr", "embed_asr",
                "embed_strong_asr", "ablate_asr")
@@ -98,7 +99,7 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
             if direction is None and search:
                 direction = toy_direction(model, model_path, root, log)
             out["base"] = toy_metrics(model, tok, world, cfg, direction)
-            thresholds = thresholds or {k: v for k, v in out["base"].items() if k in THRESHOLDS}
+            thresholds = thresholds or {k: v for k, v in out["base"].items() if k in THRESHOLDS.values()}
             del model
             release()
         if "circuit_breaker" in models:
@@ -106,22 +107,16 @@ def evaluate_toy(toy_root=toy.ROOT, adapter=None, *, cfg: AttackConfig | None = 
                 direction = base_direction(root, device, log)
             log("toy evaluation: circuit_breaker")
             base, tok = load_evaluated(model_path, None, torch.float32, device)
+            models_of = {"base": base, "orthogonalized": orthogonalized(base, direction) if direction else None}
             known = thresholds or {}
-            references = {"base": (base, known["nll_threshold"] if "nll_threshold" in known
-                                   else base_threshold(base, tok, world, cfg))}
-            if direction is not None:
-                ortho = orthogonalized(base, direction)
-                references["orthogonalized"] = ortho, (known["orthogonalized_nll_threshold"]
-                                                       if "orthogonalized_nll_threshold" in known
-                                                       else base_threshold(ortho, tok, world, cfg))
+            references = {name: (m, known[THRESHOLDS[name]] if THRESHOLDS[name] in known
+                                 else base_threshold(m, tok, world, cfg))
+                          for name, m in models_of.items() if m is not None}
             out["circuit_breaker"] = circuit_breaker_metrics(model_path, adapter, world, cfg, device, direction,
                                                              references)
             del base, references
             release()
     return out
-
-
-THRESHOLDS = ("nll_threshold", "orthogonalized_nll_threshold")  # of the base evaluation, reused by a sweep
 
 
 def orthogonalized(model, direction):
@@ -207,18 +202,15 @@ def toy_metrics(model, tok, world, cfg, direction, references=None) -> dict:
 
     n_dishes = sum(it["family"] == "dish" for it in benign)
     rates = {m: c["successes"] / max(c["n"], 1) for m, c in counts.items()}
-    thresholds = {"nll_threshold": references["base"][1]}
-    if "orthogonalized" in references:
-        thresholds["orthogonalized_nll_threshold"] = references["orthogonalized"][1]
     return {**rates, "n_harmful": len(harmful), "n_benign": len(benign) - n_dishes, "n_dishes": n_dishes,
             **decoding(cfg), "counts": counts, "ci95": {m: wilson(c["successes"], c["n"]) for m, c in counts.items()},
-            "outcomes": outcomes, **thresholds, "generations": generations}
+            "outcomes": outcomes, **recorded_thresholds(references), "generations": generations}
 
 
 def judge_attack(attack, harmful, results, tok, cfg, references) -> list[dict]:
     """One attack's generation records: the toy judge's score, and the outcome class under the base model
     (orthogonalised for the ablate attack). `harmful`: the item of each result (k per item with k samples)."""
-    base, threshold = references["orthogonalized" if attack in ORTHOGONALIZED else "base"]
+    base, threshold = reference_for(attack, references)
     generations = [r["generation"] for r in results]
     if attack in NOT_FROM_TOKENS:
         nlls = [None] * len(generations)  # no token prompt the base model could have answered this from
