@@ -68,10 +68,14 @@ class TrainConfig:
                                     "officially")
     loss_on: str = opt("full", "tokens the rerouting loss sees: full (the whole text, official) or response",
                        ("full", "response"))
-    ablate_direction: str = opt("", "a refusal.py direction file: every second step, the circuit-breaker rows' "
-                                    "LoRA pass runs with that direction ablated everywhere (the ablate attack), "
+    ablate_direction: str = opt("", "a refusal.py direction file: the circuit-breaker rows' LoRA pass also runs "
+                                    "with that direction ablated everywhere (the ablate attack; --ablate-mode), "
                                     "so that the rerouting cannot rest on it. A defence against that attack, "
                                     "not the paper's")
+    ablate_mode: str = opt("alternate", "with --ablate-direction: alternate (every second step's rerouting term "
+                                        "reads the ablated model instead of the plain one) or both (every "
+                                        "step adds the ablated model's rerouting term to the plain one's)",
+                           ("alternate", "both"))
     # --- data (see data.py)
     refusal_retain: bool = opt(True, "add the model's own refusals to the retain set (preset: Llama-3 only)")
     with_request: str = opt("random", "circuit-breaker examples: random (with or without the request, "
@@ -190,6 +194,9 @@ def check_values(cfg: TrainConfig, device_present: bool = True):
         raise ValueError(f"{cli.as_flag('lora_layers')} {show(cfg.lora_layers)}: expected block indices from 0")
     if cfg.micro_batch > cfg.batch_size:
         raise ValueError(f"--micro-batch {cfg.micro_batch}: expected at most --batch-size ({cfg.batch_size})")
+    if cfg.ablate_mode != "alternate" and not cfg.ablate_direction:
+        raise ValueError(f"--ablate-mode {cfg.ablate_mode}: expected --ablate-direction FILE beside it (the direction "
+                         "to ablate)")
     unknown = [t for t in cfg.lora_targets if t not in TARGETS]
     if not cfg.lora_targets or unknown:
         raise ValueError(f"{cli.as_flag('lora_targets')} {show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")

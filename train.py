@@ -194,7 +194,8 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None, 
     whole: the step's whole batch when `batch` is one of its micro-batches (--micro-batch). Each mean is
     then weighted by this piece's share of the whole batch's tokens (rows, for the official retain term),
     so that the pieces' losses, gradients and metrics add up to the whole batch's.
-    ablation: --ablate-direction's direction, under which every second step's circuit-breaker pass runs."""
+    ablation: --ablate-direction's direction, under which the circuit-breaker rows run again (--ablate-mode
+    both) or instead, every second step (alternate)."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
     retain_coeff *= cfg.retain_weight
     cb_share = 1.0 if whole is None else share(batch.cb_loss_mask, whole.cb_loss_mask)
@@ -209,16 +210,22 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None, 
         cb_orig = cb_states(model, batch.cb_tokens, cfg, **cb_run)
         retain_orig = retain_states(model, batch.retain_tokens, **retain_run)
 
-    # (b) where the LoRA model's states are, with gradients. With --ablate-direction, every second step
-    # reroutes the harmful states of the model with the refusal direction ablated, as the ablate attack
-    # runs it: the frozen states stay the plain model's, so the adapter must move harmful states that no
-    # longer carry the direction, and cannot stop them by writing it.
-    with ablated(model, ablation) if ablation is not None and step % 2 == 0 else contextlib.nullcontext():
+    # (b) where the LoRA model's states are, with gradients. With --ablate-direction, the harmful states of
+    # the model with the refusal direction ablated, as the ablate attack runs it, are rerouted too: the
+    # frozen states stay the plain model's, so the adapter must move harmful states that no longer carry
+    # the direction, and cannot stop them by writing it. `alternate` reroutes them instead of the plain
+    # states every second step; `both` adds their term to the plain one's every step.
+    alternate = ablation is not None and cfg.ablate_mode == "alternate"
+    with ablated(model, ablation) if alternate and step % 2 == 0 else contextlib.nullcontext():
         cb_new = cb_states(model, batch.cb_tokens, cfg, **cb_run)
     retain_new = retain_states(model, batch.retain_tokens, **retain_run)
 
     # (c) the two terms, weighted by the schedule
     cb_loss = rerouting(cb_new, cb_orig, batch.cb_loss_mask) * cb_share
+    if ablation is not None and cfg.ablate_mode == "both":
+        with ablated(model, ablation):
+            cb_ablated = cb_states(model, batch.cb_tokens, cfg, **cb_run)
+        cb_loss = cb_loss + rerouting(cb_ablated, cb_orig, batch.cb_loss_mask) * cb_share
     if cfg.retain_norm == "official":
         # Rows, not tokens: a padded whole batch's rows are its examples; packed or in pieces, say how many.
         n_rows = None if whole is None and batch.retain_lengths is None else (whole or batch).size

@@ -128,6 +128,21 @@ def test_ablate_direction_reroutes_the_ablated_model_every_second_step():
         torch.testing.assert_close(plain[name], checkpointed[name], **TOL, msg=name)
 
 
+def test_ablate_mode_both_adds_the_ablated_rerouting_term_every_step():
+    """--ablate-mode both: each step's rerouting term is the plain model's plus the ablated model's, both
+    against the plain frozen states: the sum of what `alternate` computes on an odd and on an even step."""
+    r_hat = refusal.unit(torch.randn(ARGS.dim, generator=torch.Generator().manual_seed(1)))
+    b, alternate, both = batch(pack=True), config(ablate_direction="d"), config(ablate_direction="d", ablate_mode="both")
+    plain = train.step_loss(model_for(alternate), b, 3, alternate, losses.rerouting_loss, ablation=r_hat)[1]
+    ablated = train.step_loss(model_for(alternate), b, 4, alternate, losses.rerouting_loss, ablation=r_hat)[1]
+    for step in (3, 4):
+        _, m = train.step_loss(model_for(both), b, step, both, losses.rerouting_loss, ablation=r_hat)
+        assert m["cb_loss"].item() == pytest.approx((plain["cb_loss"] + ablated["cb_loss"]).item(), rel=1e-5)
+        assert m["cb_cos"].item() == pytest.approx(plain["cb_cos"].item(), rel=1e-5)  # the plain model's cosine
+    with pytest.raises(ValueError, match="--ablate-mode both: expected --ablate-direction FILE beside it"):
+        config(ablate_mode="both")
+
+
 def test_packed_rows_with_a_sliding_window_and_checkpointing():
     """Mistral's window, shorter than most rows, holds inside each packed row; checkpointing recomputes
     packed blocks exactly."""
