@@ -76,6 +76,10 @@ class TrainConfig:
                                         "reads the ablated model instead of the plain one) or both (every "
                                         "step adds the ablated model's rerouting term to the plain one's)",
                            ("alternate", "both"))
+    ablate_retain: bool = opt(False, "with --ablate-direction: the retain rows run again with the direction ablated, "
+                                     "their states held to the frozen model's under the same ablation (the "
+                                     "orthogonalized model's), so that the ablated model keeps answering benign "
+                                     "requests")
     # --- data (see data.py)
     refusal_retain: bool = opt(True, "add the model's own refusals to the retain set (preset: Llama-3 only)")
     with_request: str = opt("random", "circuit-breaker examples: random (with or without the request, "
@@ -197,6 +201,8 @@ def check_values(cfg: TrainConfig, device_present: bool = True):
     if cfg.ablate_mode != "alternate" and not cfg.ablate_direction:
         raise ValueError(f"--ablate-mode {cfg.ablate_mode}: expected --ablate-direction FILE beside it (the direction "
                          "to ablate)")
+    if cfg.ablate_retain and not cfg.ablate_direction:
+        raise ValueError("--ablate-retain: expected --ablate-direction FILE beside it (the direction to ablate)")
     unknown = [t for t in cfg.lora_targets if t not in TARGETS]
     if not cfg.lora_targets or unknown:
         raise ValueError(f"{cli.as_flag('lora_targets')} {show(cfg.lora_targets)!r}: expected some of {list(TARGETS)}")

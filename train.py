@@ -195,7 +195,7 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None, 
     then weighted by this piece's share of the whole batch's tokens (rows, for the official retain term),
     so that the pieces' losses, gradients and metrics add up to the whole batch's.
     ablation: --ablate-direction's direction, under which the circuit-breaker rows run again (--ablate-mode
-    both) or instead, every second step (alternate)."""
+    both) or instead, every second step (alternate), and the retain rows run again (--ablate-retain)."""
     cb_coeff, retain_coeff = losses.coefficients(step, cfg.steps, cfg.loss_alpha)
     retain_coeff *= cfg.retain_weight
     cb_share = 1.0 if whole is None else share(batch.cb_loss_mask, whole.cb_loss_mask)
@@ -226,15 +226,15 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None, 
         with ablated(model, ablation):
             cb_ablated = cb_states(model, batch.cb_tokens, cfg, **cb_run)
         cb_loss = cb_loss + rerouting(cb_ablated, cb_orig, batch.cb_loss_mask) * cb_share
-    if cfg.retain_norm == "official":
-        # Rows, not tokens: a padded whole batch's rows are its examples; packed or in pieces, say how many.
-        n_rows = None if whole is None and batch.retain_lengths is None else (whole or batch).size
-        retain_loss = losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
-                                                  pad_to=cfg.retain_pad_to, n_rows=n_rows)
-    elif cfg.retain_norm == "relative":
-        retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask, relative=True) * retain_share
-    else:
-        retain_loss = losses.retain_loss(retain_new, retain_orig, batch.retain_mask) * retain_share
+    retain_loss = retain_term(retain_new, retain_orig, batch, whole, retain_share, cfg)
+    if ablation is not None and cfg.ablate_retain:
+        # The ablated model's benign states held to the frozen model's under the same ablation (the
+        # orthogonalized model's): without it, rerouting the ablated model can break it on every input.
+        with torch.no_grad(), lora_disabled(model), refusal.ablate(model, ablation):
+            retain_orig_ablated = retain_states(model, batch.retain_tokens, **retain_run)
+        with ablated(model, ablation):
+            retain_ablated = retain_states(model, batch.retain_tokens, **retain_run)
+        retain_loss = retain_loss + retain_term(retain_ablated, retain_orig_ablated, batch, whole, retain_share, cfg)
     loss = cb_coeff * cb_loss + retain_coeff * retain_loss
 
     # Metrics stay on the device (0-d tensors), read all at once after the step's backward (on_host).
@@ -245,6 +245,17 @@ def step_loss(model, batch, step: int, cfg: TrainConfig, rerouting, whole=None, 
                    cb_coeff=cb_coeff, retain_coeff=retain_coeff, cb_cos=cb_cos * cb_share,
                    retain_cos=retain_cos * retain_share)
     return loss, metrics
+
+
+def retain_term(retain_new, retain_orig, batch, whole, retain_share, cfg: TrainConfig):
+    """The retain term of --retain-norm for one batch, or for one piece of `whole` weighted by its share."""
+    if cfg.retain_norm == "official":
+        # Rows, not tokens: a padded whole batch's rows are its examples; packed or in pieces, say how many.
+        n_rows = None if whole is None and batch.retain_lengths is None else (whole or batch).size
+        return losses.retain_loss_official(retain_new, retain_orig, batch.retain_mask,
+                                           pad_to=cfg.retain_pad_to, n_rows=n_rows)
+    relative = cfg.retain_norm == "relative"
+    return losses.retain_loss(retain_new, retain_orig, batch.retain_mask, relative=relative) * retain_share
 
 
 def share(part, whole):

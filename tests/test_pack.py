@@ -143,6 +143,30 @@ def test_ablate_mode_both_adds_the_ablated_rerouting_term_every_step():
         config(ablate_mode="both")
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_ablate_retain_holds_the_ablated_models_retain_states_to_the_ablated_frozen_models(pack):
+    """--ablate-retain: the retain term adds the ablated LoRA model's distance from the frozen model under
+    the same ablation (the orthogonalized model), not from the plain frozen model."""
+    r_hat = refusal.unit(torch.randn(ARGS.dim, generator=torch.Generator().manual_seed(1)))
+    b, plain = batch(pack=pack), config(ablate_direction="d")
+    held = config(ablate_direction="d", ablate_retain=True)
+    model = model_for(held)
+    _, without = train.step_loss(model, b, 3, plain, losses.rerouting_loss, ablation=r_hat)
+    _, m = train.step_loss(model, b, 3, held, losses.rerouting_loss, ablation=r_hat)
+    run = dict(lengths=b.retain_lengths)
+    with torch.no_grad(), refusal.ablate(model, r_hat):
+        new = train.retain_states(model, b.retain_tokens, **run)
+        with lora_disabled(model):
+            orig = train.retain_states(model, b.retain_tokens, **run)
+    n_rows = b.size if pack else None
+    ablated = losses.retain_loss_official(new, orig, b.retain_mask, pad_to=held.retain_pad_to, n_rows=n_rows)
+    assert ablated.item() > 0
+    assert m["retain_loss"].item() == pytest.approx((without["retain_loss"] + ablated).item(), rel=1e-5)
+    assert m["cb_loss"].item() == pytest.approx(without["cb_loss"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="--ablate-retain: expected --ablate-direction FILE beside it"):
+        config(ablate_retain=True)
+
+
 def test_packed_rows_with_a_sliding_window_and_checkpointing():
     """Mistral's window, shorter than most rows, holds inside each packed row; checkpointing recomputes
     packed blocks exactly."""
