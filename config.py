@@ -76,10 +76,11 @@ class TrainConfig:
                                         "reads the ablated model instead of the plain one) or both (every "
                                         "step adds the ablated model's rerouting term to the plain one's)",
                            ("alternate", "both"))
-    ablate_retain: bool = opt(False, "with --ablate-direction: the retain rows run again with the direction ablated, "
-                                     "their states held to the frozen model's under the same ablation (the "
-                                     "orthogonalized model's), so that the ablated model keeps answering benign "
-                                     "requests")
+    ablate_retain: bool = opt(False, "with --ablate-direction: every step, the retain rows run again with the "
+                                     "direction ablated, their states held to the frozen model's under the same "
+                                     "ablation (the orthogonalized model's), so that the ablated model keeps "
+                                     "answering benign requests; its term adds to the logged retain loss. That "
+                                     "pass is not checkpointed (as every ablated pass): more memory")
     # --- data (see data.py)
     refusal_retain: bool = opt(True, "add the model's own refusals to the retain set (preset: Llama-3 only)")
     with_request: str = opt("random", "circuit-breaker examples: random (with or without the request, "

@@ -47,10 +47,10 @@ def batch(pack: bool, batch_size: int = 4) -> data.Batch:
     return next(data.batches(examples(), examples(seed=1), batch_size, pad_id=0, seed=3, pack=pack))
 
 
-def gradients_and_metrics(cfg, b, args: ModelArgs = ARGS):
+def gradients_and_metrics(cfg, b, args: ModelArgs = ARGS, ablation=None):
     model = model_for(cfg, args)
     model.train()
-    m = train.step_gradients(model, b, 3, cfg, losses.rerouting_loss, torch.autocast("cpu", enabled=False))
+    m = train.step_gradients(model, b, 3, cfg, losses.rerouting_loss, torch.autocast("cpu", enabled=False), ablation)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g.abs().sum() > 0 for g in grads.values())  # every LoRA weight gets a gradient
     return grads, m
@@ -182,6 +182,18 @@ def test_micro_batches_give_the_whole_batch_gradients(pack, retain_norm):
     for size in (1, 2):  # 5 rows: five pieces of one; pieces of 2, 2 and 1
         pieces = gradients_and_metrics(config(retain_norm=retain_norm, batch_size=5, micro_batch=size), batch(pack, 5))
         assert_same(whole, pieces)
+
+
+@pytest.mark.parametrize("retain_norm", ["official", "masked", "relative"])
+def test_ablated_passes_in_checkpointed_micro_batches_give_the_whole_batch_gradients(retain_norm):
+    """--ablate-mode both --ablate-retain: pieces of 2, 2 and 1 rows with checkpointing on give the whole
+    batch's losses and gradients without it; the ablated passes must not be recomputed after their hooks
+    are gone, and each ablated term is weighted by its piece's share."""
+    r_hat = refusal.unit(torch.randn(ARGS.dim, generator=torch.Generator().manual_seed(1)))
+    ablate = dict(retain_norm=retain_norm, batch_size=5, ablate_direction="d", ablate_mode="both", ablate_retain=True)
+    whole = gradients_and_metrics(config(**ablate), batch(True, 5), ablation=r_hat)
+    pieces = gradients_and_metrics(config(**ablate, micro_batch=2, grad_ckpt=True), batch(True, 5), ablation=r_hat)
+    assert_same(whole, pieces)
 
 
 def test_micro_batch_larger_than_the_batch_is_refused():
